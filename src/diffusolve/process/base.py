@@ -1,0 +1,166 @@
+"""The noise process: ``x_t = alpha(t) * x_0 + sigma(t) * eps``.
+
+Every process in diffusolve (VP, VE, EDM, rectified flow, linear stochastic interpolants,
+discrete DDPM schedules) is an instance of :class:`Process`. Solvers only ever see
+``alpha(t)``, ``sigma(t)`` and ``lambda(t) = log(alpha / sigma)`` (here ``lam``), so every
+solver works on every process.
+
+Times are float64 tensors (or Python floats); every method returns a float64 tensor so
+that step coefficients are computed in double precision whatever the sample dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["Process", "as_time"]
+
+
+def as_time(t: Tensor | float) -> Tensor:
+    """Return ``t`` as a float64 tensor (no copy when it already is one)."""
+    if isinstance(t, Tensor):
+        return t.to(torch.float64)
+    return torch.tensor(float(t), dtype=torch.float64)
+
+
+class Process:
+    """A linear Gaussian noise process ``x_t = alpha(t) x_0 + sigma(t) eps``.
+
+    Subclasses override :meth:`alpha` and :meth:`sigma` (and, where a closed form exists,
+    :meth:`t_of_lambda`). Time runs from ``t_min`` (almost clean) to ``t_max`` (almost pure
+    noise); ``lambda(t)`` must be strictly decreasing in ``t`` on that interval.
+
+    Args:
+        alpha: callable ``t -> alpha(t)`` on float64 tensors.
+        sigma: callable ``t -> sigma(t)`` on float64 tensors.
+        t_min: smallest time used by samplers (the final denoise happens here).
+        t_max: largest time; samplers start here from :meth:`prior_sample`.
+        name: short name used in tables.
+
+    Example:
+        >>> import torch
+        >>> from diffusolve.process import Process
+        >>> p = Process(lambda t: torch.cos(t * torch.pi / 2), lambda t: torch.sin(t * torch.pi / 2),
+        ...             t_min=1e-3, t_max=1 - 1e-3, name="trig")
+        >>> float(p.lam(0.5))
+        0.0
+    """
+
+    def __init__(
+        self,
+        alpha: Callable[[Tensor], Tensor] | None = None,
+        sigma: Callable[[Tensor], Tensor] | None = None,
+        *,
+        t_min: float,
+        t_max: float,
+        name: str = "process",
+    ) -> None:
+        if not (t_max > t_min):
+            raise ValueError(f"t_max ({t_max}) must be larger than t_min ({t_min}).")
+        self._alpha_fn = alpha
+        self._sigma_fn = sigma
+        self.t_min = float(t_min)
+        self.t_max = float(t_max)
+        self.name = name
+
+    # ----------------------------------------------------------------- core functions
+    def alpha(self, t: Tensor | float) -> Tensor:
+        """Signal scale ``alpha(t)`` (float64)."""
+        if self._alpha_fn is None:
+            raise NotImplementedError
+        return self._alpha_fn(as_time(t))
+
+    def sigma(self, t: Tensor | float) -> Tensor:
+        """Noise scale ``sigma(t)`` (float64)."""
+        if self._sigma_fn is None:
+            raise NotImplementedError
+        return self._sigma_fn(as_time(t))
+
+    def lam(self, t: Tensor | float) -> Tensor:
+        """Half log signal-to-noise ratio ``lambda(t) = log(alpha(t) / sigma(t))``."""
+        t = as_time(t)
+        return torch.log(self.alpha(t)) - torch.log(self.sigma(t))
+
+    def t_of_lambda(self, lam: Tensor | float) -> Tensor:
+        """Inverse of :meth:`lam` on ``[t_min, t_max]`` (bisection unless overridden)."""
+        lam = as_time(lam)
+        lo = torch.full_like(lam, self.t_min)
+        hi = torch.full_like(lam, self.t_max)
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            above = self.lam(mid) > lam  # lambda decreases with t: target lies later
+            lo = torch.where(above, mid, lo)
+            hi = torch.where(above, hi, mid)
+            if torch.all(hi - lo <= 1e-15 * max(1.0, abs(self.t_max))):
+                break
+        return 0.5 * (lo + hi)
+
+    def d_alpha(self, t: Tensor | float) -> Tensor:
+        """Time derivative of ``alpha`` (autograd in float64 unless overridden)."""
+        return self._derivative(self.alpha, t)
+
+    def d_sigma(self, t: Tensor | float) -> Tensor:
+        """Time derivative of ``sigma`` (autograd in float64 unless overridden)."""
+        return self._derivative(self.sigma, t)
+
+    @staticmethod
+    def _derivative(fn: Callable[[Tensor], Tensor], t: Tensor | float) -> Tensor:
+        t = as_time(t).detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            y = fn(t)
+            (g,) = torch.autograd.grad(y.sum(), t)
+        return g.detach()
+
+    # ----------------------------------------------------------------- helpers
+    def sigma_tilde(self, t: Tensor | float) -> Tensor:
+        """``sigma(t) / alpha(t) = exp(-lambda(t))``, the EDM noise level of ``x / alpha``."""
+        return torch.exp(-self.lam(t))
+
+    def t_of_sigma_tilde(self, s: Tensor | float) -> Tensor:
+        """Inverse of :meth:`sigma_tilde`."""
+        return self.t_of_lambda(-torch.log(as_time(s)))
+
+    def prior_sample(
+        self,
+        shape: tuple[int, ...] | torch.Size,
+        generator: torch.Generator | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        noise: Callable[..., Tensor] | None = None,
+    ) -> Tensor:
+        """A sample of ``x_{t_max}`` for zero-mean unit-scale data: ``sigma(t_max) * eps``.
+
+        ``noise`` (a :class:`diffusolve.solvers.noise.NoiseSource`) gives per-sample seeded
+        noise; otherwise ``generator`` is used.
+        """
+        if noise is not None:
+            eps = noise(tuple(shape), dtype=dtype, device=device)
+        else:
+            eps = torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
+        return eps * float(self.sigma(self.t_max))
+
+    def marginal(self, x0: Tensor, t: Tensor | float, eps: Tensor) -> Tensor:
+        """``alpha(t) x0 + sigma(t) eps`` (forward noising)."""
+        return float(self.alpha(t)) * x0 + float(self.sigma(t)) * eps
+
+    def validate(self) -> None:
+        """Check that lambda is finite and strictly decreasing on ``[t_min, t_max]``."""
+        ts = torch.linspace(self.t_min, self.t_max, 257, dtype=torch.float64)
+        lam = self.lam(ts)
+        if not torch.all(torch.isfinite(lam)):
+            raise ValueError(f"{self.name}: lambda(t) is not finite on [t_min, t_max].")
+        if not torch.all(lam[1:] < lam[:-1]):
+            raise ValueError(f"{self.name}: lambda(t) must decrease strictly on [t_min, t_max].")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, t_min={self.t_min:g}, t_max={self.t_max:g})"
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """``log(1 - exp(x))`` for ``x < 0``, accurate near 0 and for very negative x."""
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
