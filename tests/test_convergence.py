@@ -26,7 +26,7 @@ def _deterministic():
 
 
 def _prior():
-    cov = torch.tensor([[1.0, 0.6, 0.0], [0.6, 0.5, 0.1], [0.0, 0.1, 0.05]])
+    cov = torch.tensor([[1.0, 0.6, 0.0], [0.6, 0.5, 0.1], [0.0, 0.1, 0.2]])
     return Gaussian(torch.tensor([0.3, -0.5, 1.0]), cov, process=vp_linear())
 
 

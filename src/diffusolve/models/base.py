@@ -16,7 +16,16 @@ from torch import Tensor
 
 from ..process import PREDICTIONS, Process, as_time, from_x0, to_x0
 
-__all__ = ["Denoiser", "CallableDenoiser", "from_callable", "DynamicThresholding"]
+__all__ = ["Denoiser", "CallableDenoiser", "from_callable", "DynamicThresholding", "dynamic_threshold"]
+
+
+def dynamic_threshold(x0: Tensor, ratio: float = 0.995, max_value: float = 1.0) -> Tensor:
+    """Dynamic thresholding (Saharia et al. 2022): per sample ``s = clip(q_ratio(|x0|), 1, max)``,
+    then ``clamp(x0, -s, s) / s``."""
+    flat = x0.reshape(x0.shape[0], -1).abs()
+    s = torch.quantile(flat.float(), ratio, dim=1).to(x0.dtype)
+    s = torch.clamp(s, min=1.0, max=max_value).reshape((-1,) + (1,) * (x0.ndim - 1))
+    return torch.clamp(x0, -s, s) / s
 
 
 class Denoiser:
@@ -138,8 +147,4 @@ class DynamicThresholding(Denoiser):
         self.max_value = float(max_value)
 
     def denoise(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
-        x0 = self.model(x, t, cond)
-        flat = x0.reshape(x0.shape[0], -1).abs()
-        s = torch.quantile(flat.float(), self.ratio, dim=1).to(x0.dtype)
-        s = torch.clamp(s, min=1.0, max=self.max_value).reshape((-1,) + (1,) * (x0.ndim - 1))
-        return torch.clamp(x0, -s, s) / s
+        return dynamic_threshold(self.model(x, t, cond), self.ratio, self.max_value)
