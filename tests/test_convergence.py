@@ -57,7 +57,7 @@ def fitted_order(nfes, errs):
 def test_convergence_order(name):
     solver = get_solver(name)
     steps = [16, 24, 32, 48]
-    nfes, errs = solve_errors(name, steps)
+    nfes, errs = solve_errors(name, steps, solver.natural_grid)
     slope = fitted_order(nfes, errs)
     assert all(e < 0.2 for e in errs), (name, errs)
     assert abs(slope - solver.order) <= 0.3, f"{name}: fitted order {slope:.2f}, expected {solver.order}; errors {errs}"

@@ -69,6 +69,7 @@ class Solver:
         multistep: whether the solver keeps a history of model outputs.
         citation: the paper.
         prediction: what the update is written in (``"data"`` or ``"noise"``).
+        natural_grid: the grid kind the solver is designed for (default ``"logsnr"``).
     """
 
     name: ClassVar[str] = ""
@@ -78,6 +79,8 @@ class Solver:
     multistep: ClassVar[bool] = False
     citation: ClassVar[str] = ""
     prediction: ClassVar[str] = "data"
+    #: the grid kind the solver is designed for (used by tests and benches as its default)
+    natural_grid: ClassVar[str] = "logsnr"
 
     def __init__(self, **options: Any) -> None:
         if options:
@@ -89,7 +92,9 @@ class Solver:
         return self.order if self.multistep else 1
 
     def nfe(self, n_steps: int) -> int:
-        """Model evaluations used by ``n_steps`` steps (without the final denoise)."""
+        """Model evaluations used by ``n_steps`` steps (without the final denoise).
+
+        Override when the cost per step varies (e.g. PNDM's Runge-Kutta warm start)."""
         return self.evals_per_step * n_steps
 
     def init(self, model: BoundModel, x: Tensor, grid: Tensor) -> dict[str, Any]:

@@ -25,7 +25,9 @@ def steps_for_nfe(solver: Solver | str, nfe: int, final: str = "denoise") -> int
     """
     solver = get_solver(solver)
     budget = int(nfe) - (1 if final == "denoise" else 0)
-    n = budget // solver.evals_per_step
+    n = 0
+    while solver.nfe(n + 1) <= budget:
+        n += 1
     if n < max(1, solver.min_steps):
         need = solver.nfe(max(1, solver.min_steps)) + (1 if final == "denoise" else 0)
         raise ValueError(
