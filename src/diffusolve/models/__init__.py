@@ -2,5 +2,7 @@
 
 from .analytic import Gaussian
 from .base import CallableDenoiser, Denoiser, DynamicThresholding, from_callable
+from .diffusers_adapter import DiffusersDenoiser, from_diffusers, load_diffusers
 
 __all__ = ["Denoiser", "CallableDenoiser", "DynamicThresholding", "from_callable", "Gaussian"]
+__all__ += ["DiffusersDenoiser", "from_diffusers", "load_diffusers"]

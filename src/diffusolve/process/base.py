@@ -112,8 +112,10 @@ class Process:
         t = as_time(t).detach().clone().requires_grad_(True)
         with torch.enable_grad():
             y = fn(t)
-            (g,) = torch.autograd.grad(y.sum(), t)
-        return g.detach()
+            if not y.requires_grad:  # constant in t (e.g. alpha = 1 for VE/EDM)
+                return torch.zeros_like(t).detach()
+            (g,) = torch.autograd.grad(y.sum(), t, allow_unused=True)
+        return torch.zeros_like(t).detach() if g is None else g.detach()
 
     # ----------------------------------------------------------------- helpers
     def sigma_tilde(self, t: Tensor | float) -> Tensor:

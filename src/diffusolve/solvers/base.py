@@ -108,7 +108,7 @@ class Solver:
 
     def options(self) -> dict[str, Any]:
         """The options this instance was built with (for records and tables)."""
-        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k not in ("name", "stochastic")}
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k not in ("name", "stochastic", "citation")}
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
@@ -116,9 +116,11 @@ class Solver:
 
 
 REGISTRY: dict[str, tuple[type[Solver], dict[str, Any]]] = {}
+#: per-name citation overrides (one class registered under names from different papers)
+CITATIONS: dict[str, str] = {}
 
 
-def register(name: str, **preset: Any):
+def register(name: str, *, citation: str | None = None, **preset: Any):
     """Class decorator: register ``cls`` under ``name`` with preset options.
 
     One class can be registered under several names (``dpmpp_2m`` and ``dpmpp_3m`` are the
@@ -129,6 +131,8 @@ def register(name: str, **preset: Any):
         if name in REGISTRY:
             raise ValueError(f"solver {name!r} registered twice")
         REGISTRY[name] = (cls, dict(preset))
+        if citation is not None:
+            CITATIONS[name] = citation
         return cls
 
     return deco
@@ -156,6 +160,8 @@ def get_solver(name: str | Solver, **options: Any) -> Solver:
         ) from None
     solver = cls(**{**preset, **options})
     solver.name = name  # instance attribute: the registry name it was built from
+    if name in CITATIONS:
+        solver.citation = CITATIONS[name]
     return solver
 
 

@@ -22,7 +22,11 @@ __all__ = ["DDIM"]
 
 
 @register("ddim", eta=0.0)
-@register("ddpm", eta=1.0)
+@register(
+    "ddpm",
+    eta=1.0,
+    citation="Ho, Jain & Abbeel, Denoising Diffusion Probabilistic Models, NeurIPS 2020",
+)
 class DDIM(Solver):
     """DDIM with stochasticity ``eta`` (``eta=1``: DDPM ancestral). Order 1.
 

@@ -1,0 +1,81 @@
+"""``diffusolve train digits`` and ``diffusolve train digits-classifier`` (thin argparse layer)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+__all__ = ["register", "main"]
+
+
+def _digits(args: argparse.Namespace) -> int:
+    from .digits import DigitsConfig, train_digits
+
+    cfg = DigitsConfig(seed=args.seed)
+    if args.steps is not None:
+        cfg.steps = args.steps
+    if args.batch_size is not None:
+        cfg.batch_size = args.batch_size
+    info = train_digits(cfg, args.out, progress=not args.quiet)
+    print(json.dumps({k: v for k, v in info.items() if k != "config"}, indent=2))
+    return 0
+
+
+def _classifier(args: argparse.Namespace) -> int:
+    from .classifier import ClassifierConfig, train_classifier
+
+    cfg = ClassifierConfig(seed=args.seed)
+    if args.steps is not None:
+        cfg.steps = args.steps
+    if args.batch_size is not None:
+        cfg.batch_size = args.batch_size
+    info = train_classifier(cfg, args.out, progress=not args.quiet)
+    print(json.dumps({k: v for k, v in info.items() if k != "config"}, indent=2))
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the shipped recipe)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and noise")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the recipe's)")
+    p.add_argument(
+        "--out", default=None, help="output folder (default: the packaged assets/digits folder)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add a ``train`` command with ``digits`` and ``digits-classifier`` sub-commands.
+
+    Each sub-command sets ``func`` (``func(args) -> exit code``) on the parsed namespace.
+
+    Example:
+        >>> import argparse
+        >>> from diffusolve.train.cli import register
+        >>> parser = argparse.ArgumentParser(prog="diffusolve")
+        >>> _ = register(parser.add_subparsers(dest="command"))
+        >>> parser.parse_args(["train", "digits", "--steps", "10"]).steps
+        10
+    """
+    train = subparsers.add_parser("train", help="train the small bundled models")
+    sub = train.add_subparsers(dest="train_command", required=True)
+    p = sub.add_parser("digits", help="class-conditional UNet on scikit-learn digits (16x16)")
+    _common(p)
+    p.set_defaults(func=_digits)
+    p = sub.add_parser("digits-classifier", help="noise-aware digits classifier (FD-digits features)")
+    _common(p)
+    p.set_defaults(func=_classifier)
+    return train
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``train ...`` on its own (``python -m diffusolve.train.cli train digits``)."""
+    parser = argparse.ArgumentParser(prog="diffusolve")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
