@@ -1,8 +1,9 @@
 """Models: the Denoiser contract, adapters and analytic priors."""
 
-from .analytic import Gaussian
+from .analytic import Empirical, Gaussian, GaussianMixture
 from .base import CallableDenoiser, Denoiser, DynamicThresholding, from_callable
 from .diffusers_adapter import DiffusersDenoiser, from_diffusers, load_diffusers
 
 __all__ = ["Denoiser", "CallableDenoiser", "DynamicThresholding", "from_callable", "Gaussian"]
 __all__ += ["DiffusersDenoiser", "from_diffusers", "load_diffusers"]
+__all__ += ["GaussianMixture", "Empirical"]

@@ -1,5 +1,8 @@
 """Analytic priors with exact score, denoiser, density and probability-flow references."""
 
+from .empirical import Empirical
 from .gaussian import Gaussian
+from .gmm import GaussianMixture
+from .reference import pf_ode_solve, reference_accuracy
 
-__all__ = ["Gaussian"]
+__all__ = ["Gaussian", "GaussianMixture", "Empirical", "pf_ode_solve", "reference_accuracy"]

@@ -1,0 +1,183 @@
+"""``diffusolve demo``: the main job.
+
+1. On the bundled class-conditional digits model: samples per class at NFE 5/10/20 with
+   three solvers (PNG panels) and FD-digits per solver at NFE 10.
+2. On an exact reference (a Gaussian mixture whose probability-flow ODE is solved to
+   1e-10): the error of each solver against the exact endpoint as NFE grows, and a plot.
+
+Everything lands in one folder with a ``report.md`` that embeds the panels and tables.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = ["run_demo", "markdown_table"]
+
+DEMO_SOLVERS = ("ddim", "dpmpp_2m", "unipc_bh2_2")
+DEMO_NFES = (5, 10, 20)
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    def fmt(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.3e}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _available(names: tuple[str, ...]) -> list[str]:
+    from .solvers import list_solvers
+
+    have = set(list_solvers())
+    return [n for n in names if n in have]
+
+
+def _digits_section(out: Path, quick: bool, progress: bool) -> tuple[str, list[str]]:
+    """Samples per class and FD-digits on the bundled model. Returns (markdown, printed tables)."""
+    from .images import save_grid
+    from .metrics.fd import fd_digits
+    from .models import load
+    from .process import make_grid
+    from .solvers import get_solver, sample, steps_for_nfe
+
+    model = load("digits", guidance=2.0)
+    proc = model.process
+    per_class = 4 if quick else 8
+    labels = torch.arange(10).repeat_interleave(per_class)
+    solvers = _available(DEMO_SOLVERS)
+    md = ["## Bundled digits model (classifier-free guidance 2.0)", ""]
+    md.append(
+        "Rows are classes 0-9; each panel uses the same per-sample seeds, so columns are "
+        "comparable across solvers and NFE."
+    )
+    panel_rows = []
+    for name in solvers:
+        solver = get_solver(name)
+        cells = [name]
+        for nfe in DEMO_NFES:
+            grid = make_grid(proc, steps_for_nfe(solver, nfe), solver.natural_grid)
+            xT = proc.prior_sample((labels.numel(), 1, 16, 16), noise=_seeded(labels.numel()))
+            with torch.no_grad():
+                x = sample(model, xT, grid, solver, cond=labels, progress=progress)
+            png = save_grid(x, out / f"digits_{name}_nfe{nfe}.png", nrow=per_class, scale=3)
+            cells.append(f"![{name} NFE {nfe}]({png.name})")
+        panel_rows.append(cells)
+    md += ["", markdown_table(["solver"] + [f"NFE {n}" for n in DEMO_NFES], panel_rows), ""]
+
+    n_fd = 300 if quick else 1000
+    fd_rows = []
+    fd_labels = torch.arange(n_fd) % 10
+    for name in solvers:
+        solver = get_solver(name)
+        grid = make_grid(proc, steps_for_nfe(solver, 10), solver.natural_grid)
+        t0 = time.time()
+        xs = []
+        for chunk in torch.split(torch.arange(n_fd), 500):
+            xT = proc.prior_sample((chunk.numel(), 1, 16, 16), noise=_seeded(chunk.numel(), 10_000 + int(chunk[0])))
+            with torch.no_grad():
+                xs.append(sample(model, xT, grid, solver, cond=fd_labels[chunk], progress=progress))
+        fd = fd_digits(torch.cat(xs))
+        fd_rows.append([name, 10, n_fd, float(fd), round(time.time() - t0, 1)])
+    fd_md = markdown_table(["solver", "NFE", "samples", "FD-digits", "seconds"], fd_rows)
+    md += ["### FD-digits at NFE 10 (lower is better; held-out split as reference)", "", fd_md, ""]
+    return "\n".join(md), [fd_md]
+
+
+def _seeded(n: int, start: int = 0):
+    from .solvers.noise import SeededNoise
+
+    return SeededNoise(range(start, start + n))
+
+
+def _exact_section(out: Path, quick: bool, progress: bool) -> tuple[str, list[str]]:
+    """Error against the exact probability-flow endpoint of a Gaussian mixture."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .metrics import rel_error
+    from .models.analytic import GaussianMixture
+    from .process import ddpm, make_grid
+    from .solvers import get_solver, sample, steps_for_nfe
+
+    proc = ddpm("linear")
+    gmm = GaussianMixture.random(2, 25, process=proc, seed=0)
+    n = 256 if quick else 1000
+    xT = proc.prior_sample((n, 2), torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref = gmm.reference(xT, proc.t_max, proc.t_min, final="denoise")
+    names = _available(("ddim", "heun", "dpmpp_2m", "dpmpp_3m", "unipc_bh2_2", "deis_tab3", "ipndm"))
+    nfes = (5, 10, 20, 50)
+    rows, curves = [], {}
+    for name in names:
+        solver = get_solver(name)
+        errs = []
+        for nfe in nfes:
+            try:
+                grid = make_grid(proc, steps_for_nfe(solver, nfe), solver.natural_grid)
+            except ValueError:
+                errs.append(float("nan"))
+                continue
+            x = sample(gmm, xT, grid, solver, progress=False)
+            errs.append(float(rel_error(x, ref)))
+        rows.append([name] + errs)
+        curves[name] = errs
+    table = markdown_table(["solver"] + [f"NFE {k}" for k in nfes], rows)
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    for name, errs in curves.items():
+        ax[0].loglog(nfes, errs, marker="o", label=name)
+    ax[0].set_xlabel("NFE")
+    ax[0].set_ylabel("relative error vs exact PF-ODE endpoint")
+    ax[0].legend(fontsize=7)
+    ax[0].grid(True, which="both", alpha=0.3)
+    data = gmm.sample(2000, torch.Generator().manual_seed(1))
+    ax[1].scatter(data[:, 0], data[:, 1], s=2, alpha=0.3, label="exact data samples")
+    best = min(curves, key=lambda k: curves[k][1] if curves[k][1] == curves[k][1] else 1e9)
+    grid = make_grid(proc, steps_for_nfe(best, 10), get_solver(best).natural_grid)
+    xs = sample(gmm, xT, grid, best, progress=False)
+    ax[1].scatter(xs[:, 0], xs[:, 1], s=2, alpha=0.5, label=f"{best}, NFE 10")
+    ax[1].legend(fontsize=7)
+    ax[1].set_title("25-component Gaussian mixture (DDPM linear process)")
+    fig.tight_layout()
+    fig.savefig(out / "exact_reference.png", dpi=110)
+    plt.close(fig)
+    md = [
+        "## Exact reference: 25-component Gaussian mixture in 2-D",
+        "",
+        "Every solver starts from the same noise at t_max; the reference is the exact "
+        "probability-flow endpoint (DOP853, float64, rtol 1e-10) followed by the exact "
+        f"denoiser at t_min. Mean relative error over {n} samples:",
+        "",
+        table,
+        "",
+        "![error vs NFE](exact_reference.png)",
+        "",
+    ]
+    return "\n".join(md), [table]
+
+
+def run_demo(out: str | Path = "diffusolve-demo", quick: bool = False, progress: bool = True) -> int:
+    """Run the demo and write ``out/report.md``; returns an exit code."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    t0 = time.time()
+    parts, printed = ["# diffusolve demo", ""], []
+    for section in (_digits_section, _exact_section):
+        md, tables = section(out, quick, progress)
+        parts.append(md)
+        printed += tables
+    parts.append(f"_Total time: {time.time() - t0:.0f} s on {torch.get_num_threads()} threads._")
+    report = out / "report.md"
+    report.write_text("\n".join(parts) + "\n")
+    for tab in printed:
+        print(tab, end="\n\n")
+    print(f"Wrote {report} and {len(list(out.glob('*.png')))} PNG panels in {out}/ ({time.time() - t0:.0f} s).")
+    return 0
