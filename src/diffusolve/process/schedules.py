@@ -82,6 +82,7 @@ class DiscreteVP(Process):
         self._lam = lam
         # for t_of_lambda we interpolate t against -lambda (increasing)
         self._neg_lam = -lam
+        self._scalar_lam: dict[float, Tensor] = {}  # memo for 0-d times (solver grids)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -89,6 +90,14 @@ class DiscreteVP(Process):
 
     def lam(self, t: Tensor | float) -> Tensor:
         t = as_time(t)
+        if t.ndim == 0 and not t.requires_grad:
+            key = float(t)
+            hit = self._scalar_lam.get(key)
+            if hit is None:
+                if len(self._scalar_lam) > 100_000:
+                    self._scalar_lam.clear()
+                hit = self._scalar_lam[key] = _interp(t, self._knots, self._lam)
+            return hit
         return _interp(t, self._knots, self._lam)
 
     def alpha(self, t: Tensor | float) -> Tensor:

@@ -18,15 +18,58 @@ from torch import Tensor
 from ..process import Process, as_time
 from ..process.param import coef, eps_from_x0
 
-__all__ = ["Solver", "BoundModel", "REGISTRY", "register", "get_solver", "list_solvers", "coef"]
+__all__ = ["Solver", "BoundModel", "GridProcess", "REGISTRY", "register", "get_solver", "list_solvers", "coef"]
+
+
+class GridProcess:
+    """A process view that serves ``alpha``, ``sigma``, ``lam`` at the grid times from a table.
+
+    The loop evaluates these once per grid (vectorised) instead of once per use; any other
+    time falls through to the wrapped process. Everything else is delegated.
+    """
+
+    def __init__(self, process: Process, grid: Tensor | None) -> None:
+        self._p = process
+        self._table: dict[float, tuple[Tensor, Tensor, Tensor]] = {}
+        if grid is not None:
+            a, s, lam = process.alpha(grid), process.sigma(grid), process.lam(grid)
+            for i, t in enumerate(grid.tolist()):
+                self._table[t] = (a[i], s[i], lam[i])
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._p, name)
+
+    def _get(self, t: Tensor | float, k: int, fn: Any) -> Tensor:
+        if isinstance(t, Tensor) and t.ndim == 0 or isinstance(t, float):
+            hit = self._table.get(float(t))
+            if hit is not None:
+                return hit[k]
+        return fn(t)
+
+    def alpha(self, t: Tensor | float) -> Tensor:
+        return self._get(t, 0, self._p.alpha)
+
+    def sigma(self, t: Tensor | float) -> Tensor:
+        return self._get(t, 1, self._p.sigma)
+
+    def lam(self, t: Tensor | float) -> Tensor:
+        return self._get(t, 2, self._p.lam)
+
+    def sigma_tilde(self, t: Tensor | float) -> Tensor:
+        return torch.exp(-self.lam(t))
 
 
 class BoundModel:
-    """``model(x, t) -> x0`` with ``cond`` bound, NFE counting and output checks."""
+    """``model(x, t) -> x0`` with ``cond`` bound, NFE counting and output checks.
 
-    def __init__(self, model: Any, cond: Any = None, x0_transform: Any = None) -> None:
+    ``model.process`` is a :class:`GridProcess` over the grid being solved.
+    """
+
+    def __init__(
+        self, model: Any, cond: Any = None, x0_transform: Any = None, grid: Tensor | None = None
+    ) -> None:
         self.model = model
-        self.process: Process = model.process
+        self.process: Process = GridProcess(model.process, grid)  # type: ignore[assignment]
         self.cond = cond
         self.nfe = 0
         self.x0_transform = x0_transform

@@ -181,7 +181,7 @@ class DEIS(Solver):
         c = self.coefficients(p, times[:q], float(t_next))
         a, a1 = float(p.alpha(t)), float(p.alpha(t_next))
         x_next = coef(a1 / a, x) * x
-        for cj, ej in zip(c, hist[:q]):
+        for cj, ej in zip(c, hist[:q], strict=True):
             x_next = x_next + coef(a1 * cj, x) * ej
         state["times"], state["eps"] = times, hist
         return x_next, state

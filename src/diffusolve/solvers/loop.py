@@ -119,7 +119,7 @@ def sample(
         )
     if dtype is not None:
         x = x.to(dtype)
-    bound = BoundModel(model, cond, x0_transform)
+    bound = BoundModel(model, cond, x0_transform, grid)
     state = solver.init(bound, x, grid)
     state["n"] = n_steps
     if solver.stochastic:
@@ -134,11 +134,6 @@ def sample(
             state["i"] = i
             t, t_next = grid[i], grid[i + 1]
             x_next, state = solver.step(bound, x, t, t_next, state)
-            if not torch.all(torch.isfinite(x_next)):
-                raise FloatingPointError(
-                    f"{solver.name} produced non-finite values at step {i} "
-                    f"(t={float(t):.6g} -> {float(t_next):.6g}); try float64 or more steps."
-                )
             if callback is not None:
                 callback(
                     {"i": i, "t": t, "t_next": t_next, "x": x, "x_next": x_next, "nfe": bound.nfe}
@@ -149,6 +144,11 @@ def sample(
                 bar.update(1)
         if final == "denoise":
             x = bound(x, grid[-1])
+        if not torch.all(torch.isfinite(x)):
+            raise FloatingPointError(
+                f"{solver.name} produced non-finite values (model outputs were finite); "
+                "try dtype=torch.float64, more steps or a lower-order solver."
+            )
     finally:
         if bar is not None:
             bar.close()

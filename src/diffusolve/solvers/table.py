@@ -39,3 +39,31 @@ def solver_table(markdown: bool = True) -> str:
     for r in rows:
         lines.append("  ".join(str(r[c]).ljust(widths[c]) for c in cols[:-1]) + "  " + str(r["paper"]))
     return "\n".join(lines)
+
+
+START, END = "<!-- solvers:start -->", "<!-- solvers:end -->"
+
+
+def update_readme(path: str = "README.md", check: bool = False) -> bool:
+    """Rewrite the solver table between the README markers; with ``check``, only compare.
+
+    Returns True when the README is (or now is) up to date.
+    """
+    from pathlib import Path
+
+    text = Path(path).read_text()
+    if START not in text or END not in text:
+        raise ValueError(f"{path} has no {START} ... {END} markers")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    new = head + START + "\n" + solver_table(markdown=True) + "\n" + END + tail
+    if check:
+        return new == text
+    Path(path).write_text(new)
+    return True
+
+
+if __name__ == "__main__":  # python -m diffusolve.solvers.table [README.md]
+    import sys
+
+    update_readme(sys.argv[1] if len(sys.argv) > 1 else "README.md")
