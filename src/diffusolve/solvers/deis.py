@@ -124,7 +124,11 @@ class DEIS(Solver):
     variable, and ``t`` and ``sigma~`` are smooth functions of each other, so the local
     error is ``O(h^{k+1})`` and the global order is ``k`` on any smooth grid (the weights
     are recomputed for the actual steps, unlike fixed-coefficient PNDM/iPNDM). ``k = 1`` is
-    DDIM exactly.
+    DDIM exactly. Caveat: the lower-order warm-up steps have local errors ``O(h^2)``,
+    ``O(h^3)``, ...; started from pure noise (``t_max``) their error constants vanish
+    (``eps`` is nearly constant there), but a solve started mid-trajectory (e.g. img2img)
+    is only second order. In the 16-48 step range the fitted slope is still below ``k``
+    (pre-asymptotic; e.g. rhoAB3 about 2.5, tAB3 about 2.7 on a VP Gaussian).
 
     Options:
         order: ``k`` in 1..4.

@@ -52,6 +52,7 @@ LU_2022_PP = (
     "Diffusion Probabilistic Models, arXiv:2211.01095, 2022"
 )
 PREDICTIONS = ("data", "noise")
+THIRD_ORDER_VARIANTS = ("standard", "taylor")
 _SERIES_BELOW = 0.05  # |z| below which phi_k uses its power series (no cancellation)
 
 
@@ -228,11 +229,18 @@ class _Multistep(_ExpSolver):
 
     multistep = True
 
-    def __init__(self, order: int = 2, lower_order_final: bool = False) -> None:
+    def __init__(
+        self, order: int = 2, lower_order_final: bool = False, third_order: str = "standard"
+    ) -> None:
         if order not in (1, 2, 3):
             raise ValueError(f"multistep DPM-Solver has order 1, 2 or 3; got order={order}")
+        if third_order not in THIRD_ORDER_VARIANTS:
+            raise ValueError(
+                f"third_order must be one of {THIRD_ORDER_VARIANTS}, got {third_order!r}"
+            )
         self.order = order  # type: ignore[misc]
         self.lower_order_final = bool(lower_order_final)
+        self.third_order = third_order
 
     def init(self, model: BoundModel, x: Tensor, grid: Tensor) -> dict[str, Any]:
         state = super().init(model, x, grid)
@@ -278,7 +286,12 @@ class _Multistep(_ExpSolver):
         * k = 2 (midpoint form): ``D1 = (m0 - m1) / r0``; ``x_t = ratio x + w1 (m0 + D1 / 2)``;
         * k = 3: ``D1_0 = (m0 - m1) / r0``, ``D1_1 = (m1 - m2) / r1``,
           ``D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1)``, ``D2 = (D1_0 - D1_1) / (r0 + r1)``;
-          ``x_t = ratio x + w1 m0 + w2 D1 + w3 D2``.
+          ``x_t = ratio x + w1 m0 + w2 D1 + w3 D2`` with ``w3 = c h phi_3(z)`` (``"standard"``,
+          the official code and diffusers) or ``w3 = 2 c h phi_3(z)`` (``"taylor"``).
+
+        ``D2`` estimates ``h^2 m'' / 2`` while the exact Taylor term is ``c h^3 phi_3(z) m''``,
+        so only the ``"taylor"`` weight makes the local error O(h^4); the ``"standard"``
+        update has local error O(h^3), i.e. global order 2 (measured in the tests).
         """
         f = self._frame(model, t, t_next)
         lam0, m0 = hist[-1]
@@ -295,7 +308,8 @@ class _Multistep(_ExpSolver):
         d1_1 = coef(1.0 / r1, x) * (m1 - m2)
         d1 = d1_0 + coef(r0 / (r0 + r1), x) * (d1_0 - d1_1)
         d2 = coef(1.0 / (r0 + r1), x) * (d1_0 - d1_1)
-        return out + coef(f.weight(2), x) * d1 + coef(f.weight(3), x) * d2
+        w3 = f.weight(3) if self.third_order == "standard" else 2.0 * f.weight(3)
+        return out + coef(f.weight(2), x) * d1 + coef(w3, x) * d2
 
 
 @register("dpm_solver_2m", order=2)
@@ -313,9 +327,12 @@ class DPMSolverMultistep(_Multistep):
       - sigma_t ((e^h - 1 - h)/h^2 - 1/2) D2`` with ``D1, D2`` as in the official code
       (see :meth:`_update`).
 
-    The first steps warm up with lower orders from the available history. Option
+    The first steps warm up with lower orders from the available history. Options:
     ``lower_order_final`` (default False): with fewer than 15 steps, use order 1 for the
-    last step and order ``min(order, 2)`` for the one before.
+    last step and order ``min(order, 2)`` for the one before; ``third_order``
+    (``"standard"``, default: the official/diffusers 3M, which is globally only second
+    order because its ``D2`` weight is half the Taylor one; ``"taylor"``: twice that
+    weight, third order).
 
     Paper defaults: the DPM-Solver++ paper recommends multistep order 2 (in data prediction,
     ``dpmpp_2m``) for guided sampling and order 3 for unconditional sampling; uniform logSNR

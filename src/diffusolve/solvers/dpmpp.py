@@ -27,7 +27,9 @@ class _Thresholding:
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"threshold_ratio must lie in (0, 1], got {ratio}")
         if max_value < 1.0:
-            raise ValueError(f"threshold_max must be >= 1 (the clip range is [1, max]), got {max_value}")
+            raise ValueError(
+                f"threshold_max must be >= 1 (the clip range is [1, max]), got {max_value}"
+            )
         self.thresholding = bool(thresholding)
         self.threshold_ratio = float(ratio)
         self.threshold_max = float(max_value)
@@ -100,7 +102,11 @@ class DPMSolverPPMultistep(_Thresholding, _Multistep):
     One model evaluation per step; the first steps warm up with lower orders. Options:
     ``lower_order_final`` (with fewer than 15 steps, order 1 at the last step and
     ``min(order, 2)`` at the second-to-last), ``thresholding`` / ``threshold_ratio`` /
-    ``threshold_max`` (dynamic thresholding of every x0 estimate).
+    ``threshold_max`` (dynamic thresholding of every x0 estimate), ``third_order``:
+    ``"standard"`` (default; the official code's and diffusers' 3M, reproduced exactly) or
+    ``"taylor"`` (``D2`` weighted by ``2 alpha_t h^3 phi_3(-h) / h^2``, twice the standard
+    weight). The standard 3M update is only second order globally: ``D2 ~ h^2 x0''/2``
+    but the exact Taylor term is ``alpha_t h^3 phi_3(-h) x0''``. ``"taylor"`` is third order.
 
     Paper defaults: 2M for guided sampling (the paper's recommendation, also with
     thresholding for pixel-space guided models), order 3 for unconditional sampling;
@@ -122,8 +128,9 @@ class DPMSolverPPMultistep(_Thresholding, _Multistep):
         thresholding: bool = False,
         threshold_ratio: float = 0.995,
         threshold_max: float = 1.0,
+        third_order: str = "standard",
     ) -> None:
-        super().__init__(order=order, lower_order_final=lower_order_final)
+        super().__init__(order=order, lower_order_final=lower_order_final, third_order=third_order)
         self._set_thresholding(thresholding, threshold_ratio, threshold_max)
 
 
@@ -162,7 +169,13 @@ class SDEDPMSolverPP2M(DPMSolverPPMultistep):
     ) -> None:
         if order not in (1, 2):
             raise ValueError(f"SDE-DPM-Solver++ is implemented for order 1 or 2, got order={order}")
-        super().__init__(order, lower_order_final, thresholding, threshold_ratio, threshold_max)
+        super().__init__(
+            order=order,
+            lower_order_final=lower_order_final,
+            thresholding=thresholding,
+            threshold_ratio=threshold_ratio,
+            threshold_max=threshold_max,
+        )
 
     def _update(
         self,

@@ -11,8 +11,9 @@ prediction ``eps``). For a step ``s -> t`` with ``h = lambda_t - lambda_s`` and 
   - sigma_t B(h) sum_k rho_k D_k``.
 
 The weights solve ``R rho = g`` with ``R[i, k] = r_k^i`` (``i = 0..q-1``) and
-``g_i = (i+1)! phi_{i+2}(hh) / B(h)``, where ``phi_{j+1}(hh) = (phi_j(hh) - 1/j!) / hh`` and
-``phi_1(hh) = expm1(hh) / hh`` (the ``phi`` functions of exponential integrators).
+``g_i = (i+1)! hh phi_{i+2}(hh) / B(hh)``, where ``phi_1(hh) = expm1(hh) / hh`` and
+``phi_{j+1}(hh) = (phi_j(hh) - 1/j!) / hh`` (the ``phi`` functions of exponential
+integrators); ``B = hh`` (``bh1``) or ``B = expm1(hh)`` (``bh2``).
 
 **UniP-q** (predictor) uses the ``q - 1`` past differences and the first ``q - 1`` rows and
 columns of ``R`` (``rho = 1/2`` when ``q = 2``; ``q = 1`` is DDIM). **UniC-q** (corrector)
@@ -173,7 +174,7 @@ class UniPC(Solver):
         # hist: model outputs (x0 or eps) at past grid times, newest last; lams: their lambda;
         # x_prev/t_prev: the (corrected) state at the previous grid time; q_prev: the
         # predictor order used on the previous step.
-        return {"grid": grid, "hist": [], "lams": [], "x_prev": None, "q_prev": 0}
+        return {"grid": grid, "hist": [], "lams": [], "x_prev": None, "q_prev": 0, "k": 0}
 
     # -- the shared update ----------------------------------------------------------------
 
@@ -226,7 +227,7 @@ class UniPC(Solver):
         p = model.process
         grid = state["grid"]
         hist, lams = list(state["hist"]), list(state["lams"])
-        i = state.get("i", len(hist))
+        i = state.get("i", state["k"])  # the loop sets "i"; "k" counts steps otherwise
         n = state.get("n", grid.numel() - 1)
         m = self._output(model, x, t)
         new = dict(state)
@@ -261,5 +262,5 @@ class UniPC(Solver):
             q = max(1, min(q, n - i))
         x_next = self._update(model, x, t, t_next, hist, lams, q, None)
         keep = 3 if self.refine_start else self.predictor_order
-        new.update(hist=hist[-keep:], lams=lams[-keep:], x_prev=x, q_prev=q)
+        new.update(hist=hist[-keep:], lams=lams[-keep:], x_prev=x, q_prev=q, k=i + 1)
         return x_next, new

@@ -5,7 +5,7 @@ process (DDPM, linear betas, 1,000 steps; ``t`` in diffusers timestep units 0..9
 time ``t``. Its penultimate features at ``t = t_min`` on clean images define FD-digits
 (:mod:`diffusolve.metrics.fd`); the same network can serve classifier guidance.
 
-Architecture: three conv stages (16x16 -> 8x8 -> 4x4, widths 32/64/128) of conv + GroupNorm
+Architecture: three conv stages (16x16 -> 8x8 -> 4x4, widths 16/32/64) of conv + GroupNorm
 + SiLU, each modulated (FiLM scale/shift) by an MLP of a sinusoidal embedding of ``t``;
 global average pooling, a linear layer to ``feature_dim`` features (+ SiLU), then the logits.
 """
@@ -75,7 +75,7 @@ class NoiseAwareClassifier(nn.Module):
 
     def __init__(
         self,
-        widths: tuple[int, ...] = (32, 64, 128),
+        widths: tuple[int, ...] = (16, 32, 64),
         feature_dim: int = 64,
         t_dim: int = 64,
         num_classes: int = NUM_CLASSES,
@@ -111,7 +111,7 @@ class NoiseAwareClassifier(nn.Module):
 class ClassifierConfig:
     """Hyper-parameters of :func:`train_classifier` (defaults: the shipped classifier)."""
 
-    steps: int = 3000
+    steps: int = 2000
     seed: int = 0
     batch_size: int = 128
     lr: float = 2e-3
@@ -119,7 +119,7 @@ class ClassifierConfig:
     low_noise_fraction: float = 0.25  # share of each batch drawn from t in [0, low_noise_t)
     low_noise_t: int = 50
     max_shift: int = 1  # random translation by up to this many pixels (augmentation)
-    widths: tuple[int, ...] = (32, 64, 128)
+    widths: tuple[int, ...] = (16, 32, 64)
     feature_dim: int = 64
 
 

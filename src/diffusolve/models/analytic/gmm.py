@@ -10,7 +10,9 @@ Under ``x_t = alpha x0 + sigma eps``, with ``x~ = x / alpha``, ``s = sigma / alp
 * the probability-flow ODE has no closed form: :meth:`GaussianMixture.ode_solve` solves it
   to tight tolerance in float64 (:func:`~diffusolve.models.analytic.reference.pf_ode_solve`).
 
-All ``K`` components are evaluated at once: ``x~ @ [U_1 ... U_K]`` is one matrix product.
+Components whose responsibility for a sample is provably negligible (below ``exp(-60)``,
+from cheap bounds on the Mahalanobis distance) are skipped for that sample, so at low noise,
+where the components separate, an evaluation costs about one component per sample.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from .reference import ODEReference
 __all__ = ["GaussianMixture"]
 
 _CHUNK_ELEMENTS = 1 << 22  # rows are processed in chunks of ~4M float64 [b, K, d] entries
+_PRUNE = 60.0  # skip (row, component) pairs with responsibility provably below exp(-60)
+_Term = tuple[int, "Tensor | None", Tensor, Tensor]
 
 
 class GaussianMixture(Denoiser, ODEReference):
@@ -95,10 +99,8 @@ class GaussianMixture(Denoiser, ODEReference):
         self.shape = tuple(shape) if shape is not None else (d,)
         if math.prod(self.shape) != d:
             raise ValueError(f"shape {self.shape} does not have {d} elements")
-        if evecs is not None:
-            # x~ @ u_all gives every x~ @ U_k side by side: [B, K * d]
-            self._u_all = evecs.permute(1, 0, 2).reshape(d, k * d).contiguous()
-            self._mu_rot = torch.einsum("kd,kde->ke", means, evecs)
+        self._lmin, self._lmax = evals.min(1).values, evals.max(1).values
+        self._msq = (means * means).sum(1)
 
     @property
     def covs(self) -> Tensor:
@@ -115,25 +117,67 @@ class GaussianMixture(Denoiser, ODEReference):
             )
         return x.reshape(x.shape[0], -1).to(torch.float64)
 
-    def _rotate(self, xt: Tensor) -> Tensor:
-        """``y_k = U_k^T (x~ - mu_k)`` for every component: ``[b, K, d]``."""
-        if self.evecs is None:
-            return xt[:, None, :] - self.means
+    def _terms(self, xt: Tensor, s2: Tensor) -> tuple[Tensor, list[_Term]]:
+        """Log-joint ``log w_k + log N(x~; mu_k, C_k + s^2 I)`` ``[b, K]`` and per-component terms.
+
+        Pairs (row, component) whose responsibility is provably below ``exp(-_PRUNE)`` (from
+        ``|x~ - mu_k|^2 / (l_max + s^2) <= maha_k <= |x~ - mu_k|^2 / (l_min + s^2)``) are
+        skipped: their log-joint is ``-inf``. Each term is ``(k, rows, y, v)`` with ``rows``
+        the kept row indices (``None``: all rows), ``y = U_k^T (x~ - mu_k)`` and
+        ``v = l_k + s^2``.
+        """
         b = xt.shape[0]
-        return (xt @ self._u_all).reshape(b, self.n_components, self.dim) - self._mu_rot
+        shared = bool(torch.all(s2 == s2[0]))
+        s2k = s2[:1] if shared else s2  # [1 or b, 1]
+        v = self.evals + s2k[:, :, None]  # [1 or b, K, d]
+        inv_v = 1.0 / v
+        base = self.log_weights - 0.5 * torch.log(v).sum(-1)  # [1 or b, K]
+        with torch.no_grad():
+            dist2 = (xt * xt).sum(1, keepdim=True) - 2 * xt @ self.means.T + self._msq
+            dist2 = dist2.clamp_min(0)
+            upper = base - 0.5 * dist2 / (self._lmax + s2k)
+            lower = base - 0.5 * dist2 / (self._lmin + s2k)
+            keep = upper >= lower.max(1, keepdim=True).values - _PRUNE
+        logj = torch.full((b, self.n_components), -math.inf, dtype=torch.float64)
+        terms: list[_Term] = []
+        for k in range(self.n_components):
+            rows = keep[:, k].nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            full = rows.numel() == b
+            y = (xt if full else xt[rows]) - self.means[k]
+            if self.evecs is not None:
+                y = y @ self.evecs[k]
+            if shared:
+                iv, lj = inv_v[0, k], base[0, k]
+                maha = (y * y) @ iv
+            else:
+                iv, lj = (inv_v[:, k], base[:, k]) if full else (inv_v[rows, k], base[rows, k])
+                maha = (y * y * iv).sum(1)
+            if full:
+                logj[:, k] = lj - 0.5 * maha
+            else:
+                logj[rows, k] = lj - 0.5 * maha
+            terms.append((k, None if full else rows, y, iv))
+        return logj, terms
 
-    def _unrotate(self, z: Tensor) -> Tensor:
-        """``sum_k U_k z_k`` for ``z`` ``[b, K, d]``: ``[b, d]``."""
-        if self.evecs is None:
-            return z.sum(1)
-        return z.reshape(z.shape[0], -1) @ self._u_all.T
-
-    def _parts(self, xt: Tensor, s2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Rotated residuals ``y [b,K,d]``, variances ``v [b,K,d]``, log-joint ``[b,K]``."""
-        y = self._rotate(xt)
-        v = self.evals + s2[:, :, None]
-        logj = self.log_weights - 0.5 * ((y * y / v).sum(-1) + torch.log(v).sum(-1))
-        return y, v, logj
+    def _combine(self, r: Tensor, terms: list[_Term], numer: Tensor | None) -> Tensor:
+        """``sum_k r_k U_k diag(numer_k / v_k) y_k`` over the kept terms: ``[b, d]``."""
+        out = torch.zeros(r.shape[0], self.dim, dtype=torch.float64)
+        for k, rows, y, iv in terms:
+            c = iv if numer is None else numer[k] * iv
+            rk = (r[:, k] if rows is None else r[rows, k])[:, None]
+            if self.evecs is None:
+                z = y * c
+            elif c.ndim == 1:  # shared noise level: fold the scaling into the rotation
+                z = y @ (self.evecs[k] * c).T
+            else:
+                z = (y * c) @ self.evecs[k].T
+            if rows is None:
+                out += rk * z
+            else:
+                out.index_add_(0, rows, rk * z)
+        return out
 
     def _rows(self) -> int:
         return max(1, _CHUNK_ELEMENTS // (self.n_components * self.dim))
@@ -155,25 +199,25 @@ class GaussianMixture(Denoiser, ODEReference):
     # ------------------------------------------------------------ contract
     def denoise(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         def fn(xt: Tensor, a: Tensor, s2: Tensor) -> Tensor:
-            y, v, logj = self._parts(xt, s2)
+            logj, terms = self._terms(xt, s2)
             r = torch.softmax(logj, dim=-1)
-            return r @ self.means + self._unrotate(r[:, :, None] * y * (self.evals / v))
+            return r @ self.means + self._combine(r, terms, self.evals)
 
         return self._apply(fn, x, t).reshape(x.shape).to(x.dtype)
 
     def responsibilities(self, x: Tensor, t: Tensor | float) -> Tensor:
         """Posterior component probabilities ``p(k | x_t = x)``, ``[B, K]`` (float64)."""
         return self._apply(
-            lambda xt, a, s2: torch.softmax(self._parts(xt, s2)[2], dim=-1), x, t
+            lambda xt, a, s2: torch.softmax(self._terms(xt, s2)[0], dim=-1), x, t
         )
 
     def score(self, x: Tensor, t: Tensor | float) -> Tensor:
         """``grad_x log p_t(x)``."""
 
         def fn(xt: Tensor, a: Tensor, s2: Tensor) -> Tensor:
-            y, v, logj = self._parts(xt, s2)
+            logj, terms = self._terms(xt, s2)
             r = torch.softmax(logj, dim=-1)
-            return -self._unrotate(r[:, :, None] * y / v) / a
+            return -self._combine(r, terms, None) / a
 
         return self._apply(fn, x, t).reshape(x.shape).to(x.dtype)
 
@@ -182,7 +226,7 @@ class GaussianMixture(Denoiser, ODEReference):
         c = 0.5 * self.dim * math.log(2 * math.pi)
 
         def fn(xt: Tensor, a: Tensor, s2: Tensor) -> Tensor:
-            logj = self._parts(xt, s2)[2]
+            logj = self._terms(xt, s2)[0]
             return torch.logsumexp(logj, dim=-1) - c - self.dim * torch.log(a[:, 0])
 
         return self._apply(fn, x, t)
