@@ -72,6 +72,12 @@ def test_registered_names():
         assert s.multistep == name.endswith("m")
     assert get_solver("dpm_solver_3s").evals_per_step == 3
     assert get_solver("dpmpp_2s").evals_per_step == 2
+    # declared global orders: the standard 3-step multistep update is second order;
+    # the default (Taylor weight) is third order
+    for name in ("dpm_solver_3m", "dpmpp_3m"):
+        assert (get_solver(name).steps, get_solver(name).order) == (3, 3)
+        assert get_solver(name, third_order="standard").order == 2
+        assert get_solver(name).options()["order"] == 3
 
 
 def test_phi_series_matches_closed_form():
@@ -130,7 +136,7 @@ def test_third_order_global_order(name):
     # taylor: at least third order (pre-asymptotically close to 4 on this prior)
     assert _slope(name, [32, 48, 64, 96], third_order="taylor") >= 2.7
     # standard: second order asymptotically
-    assert abs(_slope(name, [96, 128, 192, 256]) - 2.0) <= 0.3
+    assert abs(_slope(name, [96, 128, 192, 256], third_order="standard") - 2.0) <= 0.3
 
 
 @pytest.mark.parametrize("order", [2, 3])
@@ -274,7 +280,7 @@ def test_lower_order_final_changes_only_last_steps(name):
 
     n = 10
     a, b = trajectory(n, False), trajectory(n, True)
-    changed = 2 if get_solver(name).order == 3 else 1
+    changed = 2 if get_solver(name).steps == 3 else 1
     for i in range(n):
         same = torch.equal(a[i], b[i])
         assert same == (i < n - changed), (i, same)

@@ -64,6 +64,8 @@ class SchedulerSpec:
         spacing_note: whether the scheduler has a ``leading`` spacing (then recorded as excluded).
         flow_sigmas_arg: on flow tasks pass ``set_timesteps(sigmas=...)`` (documented for
             flow sigmas) with the default flow spacing started at ``t_max`` instead of 1.
+        linspace_caveat: ``step()`` goes to ``t - N // n`` whatever the spacing, so with
+            ``linspace`` the state and the next call's timestep disagree (noted in records).
     """
 
     method: str
@@ -74,6 +76,7 @@ class SchedulerSpec:
     flow_options: dict[str, tuple] = field(default_factory=dict)
     spacing_note: bool = True
     flow_sigmas_arg: bool = False
+    linspace_caveat: bool = False
 
 
 _SPACING = ("linspace", "trailing")
@@ -84,8 +87,9 @@ SPECS: tuple[SchedulerSpec, ...] = (
     SchedulerSpec(
         "DDIM",
         "DDIMScheduler",
-        {"set_alpha_to_one": True},
+        {"set_alpha_to_one": True, "clip_sample": False},
         {"timestep_spacing": _SPACING},
+        linspace_caveat=True,
     ),
     SchedulerSpec(
         "DPM-Solver++ 2M",
@@ -156,6 +160,7 @@ SPECS: tuple[SchedulerSpec, ...] = (
             "timestep_spacing": _SPACING,
             "set_alpha_to_one": (True, False),
         },
+        linspace_caveat=True,
     ),
     SchedulerSpec(
         "Euler",
@@ -354,6 +359,11 @@ def run_scheduler(
         if not torch.all(torch.isfinite(sample)):
             raise FloatingPointError(f"non-finite sample at step {k}")
     notes = []
+    if spec.linspace_caveat and cfg.get("timestep_spacing") == "linspace":
+        notes.append(
+            "with linspace spacing step() still moves to t - 1000//n, so the next model call's "
+            "timestep differs from the state's (diffusers behaviour, kept as a pipeline runs it)"
+        )
     if _upcasts(sched):
         notes.append("step() rounds the sample to float32 internally")
     if spec.flow == "native":

@@ -52,7 +52,8 @@ CONVENTION = (
     "scheduler's own sigma for that call (its integer timestep for DDIM/PNDM). For every method "
     "and NFE, each documented setting is tried on the first n_select samples and the winner is "
     "run on all samples; nfe_used counts the model evaluations actually made (<= nfe). All runs "
-    "in float64 unless the record's note says otherwise."
+    "in float64 unless the record's note says otherwise (diffusers keeps its schedule tensors in "
+    "float32, so its coefficients carry ~1e-7 relative round-off even on float64 samples)."
 )
 
 #: name -> (prior, dim, process name)

@@ -79,7 +79,9 @@ def digits_features(
     t = 0.0 if t is None else float(t)
     x = images.detach().to("cpu", torch.float32)
     with torch.no_grad():
-        feats = [classifier.features(x[i : i + batch_size], t) for i in range(0, len(x), batch_size)]
+        feats = [
+            classifier.features(x[i : i + batch_size], t) for i in range(0, len(x), batch_size)
+        ]
     return torch.cat(feats).to(torch.float64)
 
 

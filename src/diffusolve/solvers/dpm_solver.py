@@ -16,8 +16,8 @@ gives every DPM-Solver update as
 
     x_t = ratio x_s + c * sum_k  h phi_k(z) D_{k-1}
 
-with ``phi_1(z) = expm1(z) / z``, ``phi_{k+1}(z) = (phi_k(z) - 1/k!) / z`` and
-``D_j ~ h^j d^j m / dlambda^j / j!``-type finite differences, where
+with ``phi_1(z) = expm1(z) / z``, ``phi_{k+1}(z) = (phi_k(z) - 1/k!) / z`` and ``D_j``
+finite differences that approximate ``h^j d^j m / dlambda^j`` (``D_0 = m``), where
 
 * noise prediction: ``ratio = alpha_t / alpha_s``, ``c = -sigma_t``, ``z = h``;
 * data prediction:  ``ratio = sigma_t / sigma_s``, ``c = alpha_t``, ``z = -h``.
@@ -221,16 +221,20 @@ class DPMSolver(_Singlestep):
 class _Multistep(_ExpSolver):
     """Multistep DPM-Solver(++): one model evaluation per step, history in ``state["hist"]``.
 
-    ``state["hist"]`` holds ``(lambda_i, m_i)`` of the last ``order`` grid points (newest
-    last). The order used at step ``i`` is ``min(order, i + 1)`` (warm-up); with
-    ``lower_order_final`` and fewer than 15 steps, the last step uses order 1 and the
-    second-to-last order ``min(order, 2)`` (diffusers' semantics).
+    The option ``order`` (stored as ``steps``) is the official code's order: how many past
+    outputs the update combines. ``state["hist"]`` holds ``(lambda_i, m_i)`` of the last
+    ``steps`` grid points (newest last). The update at step ``i`` combines
+    ``min(steps, i + 1)`` of them (warm-up); with ``lower_order_final`` and fewer than 15
+    steps, the last step uses 1 and the second-to-last ``min(steps, 2)`` (diffusers'
+    semantics). The class variable ``order`` is the global convergence order: 3 for the
+    3-step update with the Taylor weight (default), 2 with ``third_order="standard"``
+    (see :meth:`_update`).
     """
 
     multistep = True
 
     def __init__(
-        self, order: int = 2, lower_order_final: bool = False, third_order: str = "standard"
+        self, order: int = 2, lower_order_final: bool = False, third_order: str = "taylor"
     ) -> None:
         if order not in (1, 2, 3):
             raise ValueError(f"multistep DPM-Solver has order 1, 2 or 3; got order={order}")
@@ -238,7 +242,11 @@ class _Multistep(_ExpSolver):
             raise ValueError(
                 f"third_order must be one of {THIRD_ORDER_VARIANTS}, got {third_order!r}"
             )
-        self.order = order  # type: ignore[misc]
+        #: the paper's/official code's "order": how many stored outputs the update combines
+        self.steps = order
+        # the global convergence order; the standard 3-step update is only second order
+        # (see _update), so it is declared as such
+        self.order = 2 if (order == 3 and third_order == "standard") else order  # type: ignore[misc]
         self.lower_order_final = bool(lower_order_final)
         self.third_order = third_order
 
@@ -247,9 +255,15 @@ class _Multistep(_ExpSolver):
         state["hist"] = []
         return state
 
+    def options(self) -> dict[str, Any]:
+        """Constructor options (``order`` is the number of combined outputs, ``steps``)."""
+        opts = super().options()
+        opts["order"] = opts.pop("steps")
+        return opts
+
     def order_at(self, i: int, n: int, n_hist: int) -> int:
         """The order used at step ``i`` of ``n`` with ``n_hist`` stored outputs (incl. current)."""
-        k = min(self.order, n_hist)
+        k = min(self.steps, n_hist)
         if self.lower_order_final and n < 15:
             if i == n - 1:
                 k = 1
@@ -262,7 +276,7 @@ class _Multistep(_ExpSolver):
     ) -> tuple[Tensor, dict[str, Any]]:
         m0 = self._out(model, x, t)
         lam = model.process.lam(t).to(torch.float64)
-        hist = (list(state.get("hist", [])) + [(lam, m0)])[-self.order :]
+        hist = (list(state.get("hist", [])) + [(lam, m0)])[-self.steps :]
         k = self.order_at(int(state.get("i", 0)), int(state.get("n", 1 << 30)), len(hist))
         x_next = self._update(model, x, t, t_next, hist, k, state)
         return x_next, {**state, "hist": hist}
@@ -330,9 +344,10 @@ class DPMSolverMultistep(_Multistep):
     The first steps warm up with lower orders from the available history. Options:
     ``lower_order_final`` (default False): with fewer than 15 steps, use order 1 for the
     last step and order ``min(order, 2)`` for the one before; ``third_order``
-    (``"standard"``, default: the official/diffusers 3M, which is globally only second
-    order because its ``D2`` weight is half the Taylor one; ``"taylor"``: twice that
-    weight, third order).
+    (``"taylor"``, default: the exact Taylor weight of ``D2``, third order,
+    ``order == 3``; ``"standard"``: the official/diffusers 3M, which is globally only
+    second order because its ``D2`` weight is half the Taylor one, so it declares
+    ``order == 2``).
 
     Paper defaults: the DPM-Solver++ paper recommends multistep order 2 (in data prediction,
     ``dpmpp_2m``) for guided sampling and order 3 for unconditional sampling; uniform logSNR
@@ -340,8 +355,9 @@ class DPMSolverMultistep(_Multistep):
 
     Example:
         >>> from diffusolve.solvers import get_solver
-        >>> get_solver("dpm_solver_3m").min_steps
-        3
+        >>> s = get_solver("dpm_solver_3m")
+        >>> (s.steps, s.order, get_solver("dpm_solver_3m", third_order="standard").order)
+        (3, 3, 2)
     """
 
     citation = LU_2022 + "; " + LU_2022_PP

@@ -72,7 +72,9 @@ class GaussianMixture(Denoiser, ODEReference):
         k = w.numel()
         means = torch.as_tensor(means, dtype=torch.float64)
         if means.ndim != 2 or means.shape[0] != k:
-            raise ValueError(f"means must be [K, d] with K={k} (from weights); got {tuple(means.shape)}")
+            raise ValueError(
+                f"means must be [K, d] with K={k} (from weights); got {tuple(means.shape)}"
+            )
         if not torch.all(w > 0):
             raise ValueError("mixture weights must be positive")
         d = means.shape[1]
@@ -207,9 +209,7 @@ class GaussianMixture(Denoiser, ODEReference):
 
     def responsibilities(self, x: Tensor, t: Tensor | float) -> Tensor:
         """Posterior component probabilities ``p(k | x_t = x)``, ``[B, K]`` (float64)."""
-        return self._apply(
-            lambda xt, a, s2: torch.softmax(self._terms(xt, s2)[0], dim=-1), x, t
-        )
+        return self._apply(lambda xt, a, s2: torch.softmax(self._terms(xt, s2)[0], dim=-1), x, t)
 
     def score(self, x: Tensor, t: Tensor | float) -> Tensor:
         """``grad_x log p_t(x)``."""
