@@ -52,7 +52,11 @@ def test_tiny_run_writes_valid_json(tmp_path):
     for r in recs:
         assert REQUIRED <= set(r)
     by = {(r["task"], r["method"]): r for r in recs}
-    for key in [("gauss-d2-vp", "ddim"), ("gauss-d2-vp", "DDIM"), ("gauss-d2-rf", "FlowMatchEuler")]:
+    for key in [
+        ("gauss-d2-vp", "ddim"),
+        ("gauss-d2-vp", "DDIM"),
+        ("gauss-d2-rf", "FlowMatchEuler"),
+    ]:
         r = by[key]
         assert r["rel_error"] is not None and 0 < r["rel_error"] < 1
         assert r["sw"] is not None and r["nfe_used"] <= r["nfe"]
@@ -93,7 +97,9 @@ def test_diffusers_flow_euler_equals_ours_ddim(task_vp):
     """On rectified flow, FlowMatchEuler on linspace(t_max, t_min) followed by its step to
     sigma=0 is our DDIM (= Euler in t for RF) on the same grid with a final denoise."""
     task = build_task("gauss-d2-rf", 16)
-    out = dr.run_scheduler(_spec("FlowMatchEuler"), {"sigmas": "default"}, task.model, task.x_T, 6, "rf")
+    out = dr.run_scheduler(
+        _spec("FlowMatchEuler"), {"sigmas": "default"}, task.model, task.x_T, 6, "rf"
+    )
     p = task.model.process
     grid = torch.linspace(p.t_max, p.t_min, out["steps"], dtype=torch.float64)
     ours = sample(task.model, task.x_T, grid, "ddim", final="denoise")
@@ -140,7 +146,9 @@ def test_unsupported_and_infeasible_rows_are_kept():
     with pytest.raises(ValueError, match="evaluations"):
         dr.run_scheduler(_spec("PNDM"), {"skip_prk_steps": False}, task.model, task.x_T, 5, "vp")
     with pytest.raises(ValueError, match="t_max"):
-        dr.run_scheduler(_spec("DDIM"), {"timestep_spacing": "leading"}, task.model, task.x_T, 5, "vp")
+        dr.run_scheduler(
+            _spec("DDIM"), {"timestep_spacing": "leading"}, task.model, task.x_T, 5, "vp"
+        )
 
 
 def test_overhead_smoke():

@@ -23,7 +23,9 @@ def _ints(text: str) -> list[int]:
     try:
         return [int(s) for s in _csv(text)]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
 
 
 def register(subparsers: Any) -> None:
@@ -41,13 +43,19 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--quick", action="store_true", help="small run (<2 min): 2 tasks, NFE 5 and 10")
     p.add_argument("--json", metavar="PATH", help="write the full result as JSON")
-    p.add_argument("--out", metavar="DIR", default="bench-out", help="plots and Markdown (default bench-out/)")
+    p.add_argument(
+        "--out", metavar="DIR", default="bench-out", help="plots and Markdown (default bench-out/)"
+    )
     p.add_argument(
         "--tasks",
         type=_csv,
         help=f"comma-separated tasks (default: {','.join(FULL_TASKS)}; known: {','.join(TASKS)})",
     )
-    p.add_argument("--nfe", type=_ints, help=f"comma-separated NFE budgets (default {','.join(map(str, FULL_NFES))})")
+    p.add_argument(
+        "--nfe",
+        type=_ints,
+        help=f"comma-separated NFE budgets (default {','.join(map(str, FULL_NFES))})",
+    )
     p.add_argument("--n-samples", type=int, help="samples per task (default 512, quick 128)")
     p.add_argument("--methods", type=_csv, help="our solvers (default: all deterministic)")
     p.add_argument("--schedulers", type=_csv, help="diffusers methods (default: all)")

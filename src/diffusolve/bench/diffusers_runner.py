@@ -346,7 +346,9 @@ def run_scheduler(
     pred = "velocity" if flow else "epsilon"
     x = x_T.to(dtype)
     ones = torch.ones((1,) + tuple(x.shape[1:]), dtype=dtype)
-    scale = sched.scale_model_input(ones, timesteps[0]) if hasattr(sched, "scale_model_input") else ones
+    scale = (
+        sched.scale_model_input(ones, timesteps[0]) if hasattr(sched, "scale_model_input") else ones
+    )
     sample = x / scale  # the scheduler's own representation of x_T (e.g. x / alpha for Euler)
     evals = 0
     for k, ts in enumerate(timesteps):

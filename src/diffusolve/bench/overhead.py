@@ -32,7 +32,11 @@ __all__ = ["run_overhead", "profile_ours", "format_overhead", "PAIRS"]
 
 #: our solver name -> (diffusers class, constructor options, our grid kind matching its spacing)
 PAIRS: dict[str, tuple[str, dict[str, Any], str]] = {
-    "ddim": ("DDIMScheduler", {"timestep_spacing": "linspace", "set_alpha_to_one": True}, "time_uniform"),
+    "ddim": (
+        "DDIMScheduler",
+        {"timestep_spacing": "linspace", "set_alpha_to_one": True},
+        "time_uniform",
+    ),
     "dpmpp_2m": (
         "DPMSolverMultistepScheduler",
         {"solver_order": 2, "algorithm_type": "dpmsolver++", "timestep_spacing": "linspace"},
@@ -69,7 +73,9 @@ def _diffusers_once(sched: Any, x: Tensor, steps: int) -> float:
     return time.perf_counter() - start
 
 
-def profile_ours(solver: str, steps: int = 50, repeats: int = 5, top: int = 15) -> list[dict[str, Any]]:
+def profile_ours(
+    solver: str, steps: int = 50, repeats: int = 5, top: int = 15
+) -> list[dict[str, Any]]:
     """cProfile of our loop: the functions with the largest own time (per step, in us)."""
     process = ddpm("linear")
     model = _Zero(process)
@@ -83,7 +89,7 @@ def profile_ours(solver: str, steps: int = 50, repeats: int = 5, top: int = 15) 
     stats = pstats.Stats(prof)
     rows = []
     n = steps * repeats
-    for (path, line, fn), (cc, nc, tt, ct, _) in stats.stats.items():  # type: ignore[attr-defined]
+    for (path, line, fn), (_cc, nc, tt, ct, _) in stats.stats.items():  # type: ignore[attr-defined]
         rows.append(
             {
                 "function": fn,
@@ -116,7 +122,11 @@ def run_overhead(
         get_solver(name)  # clear error if the solver is not registered
         grid = make_grid(process, steps, kind)
         sched = getattr(diffusers, cls)(
-            num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", **opts
+            num_train_timesteps=1000,
+            beta_start=0.0001,
+            beta_end=0.02,
+            beta_schedule="linear",
+            **opts,
         )
         t0 = time.perf_counter()
         make_grid(process, steps, kind)

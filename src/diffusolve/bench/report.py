@@ -81,7 +81,11 @@ def markdown_tables(result: dict[str, Any]) -> str:
                 cells = []
                 for n in nfes:
                     r = next(
-                        (x for x in recs if x["library"] == lib and x["method"] == method and x["nfe"] == n),
+                        (
+                            x
+                            for x in recs
+                            if x["library"] == lib and x["method"] == method and x["nfe"] == n
+                        ),
                         None,
                     )
                     v = None if r is None else r["rel_error"]
@@ -121,7 +125,8 @@ def plot_errors(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
     paths = []
     for task in result["tasks"]:
         recs = [r for r in result["records"] if r["task"] == task]
-        fig, ax = plt.subplots(figsize=(8, 5.5))
+        fig, ax = plt.subplots(figsize=(11, 6))
+        nfes = sorted({r["nfe"] for r in recs})
         for lib, style in (("diffusolve", "-"), ("diffusers", "--")):
             for method in dict.fromkeys(r["method"] for r in recs if r["library"] == lib):
                 pts = sorted(
@@ -132,11 +137,15 @@ def plot_errors(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
                 if pts:
                     xs, ys = zip(*pts, strict=True)
                     ax.loglog(xs, ys, style, marker="o", ms=3, lw=1, label=f"{method} ({lib})")
+        ax.set_xticks(nfes, [str(n) for n in nfes])
+        ax.minorticks_off()
+        lo, _ = ax.get_ylim()
+        ax.set_ylim(lo, min(ax.get_ylim()[1], 3.0))  # errors above ~1 are divergence
         ax.set_xlabel("NFE")
-        ax.set_ylabel("mean relative error to the exact PF-ODE reference")
-        ax.set_title(task)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6, ncol=2)
+        ax.set_ylabel("mean relative error to the exact reference (clipped at 3)")
+        ax.set_title(f"{task}: solid = diffusolve, dashed = diffusers")
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         path = out / f"samplers_{task}.png"
         fig.savefig(path, dpi=120)

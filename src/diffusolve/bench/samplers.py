@@ -110,7 +110,9 @@ def build_task(name: str, n_samples: int, *, seed: int = 0, sw_projections: int 
     model = _prior(spec, seed)
     p = model.process
     d = int(spec["dim"])
-    xT = p.prior_sample((n_samples, d), torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    xT = p.prior_sample(
+        (n_samples, d), torch.Generator().manual_seed(seed + 1), dtype=torch.float64
+    )
     start = time.perf_counter()
     ref = model.reference(xT, p.t_max, p.t_min, final="denoise")
     ref_seconds = time.perf_counter() - start
@@ -121,7 +123,9 @@ def build_task(name: str, n_samples: int, *, seed: int = 0, sw_projections: int 
     else:
         acc, acc_text = 0.0, "closed form (exact)"
     data = model.sample(n_samples, torch.Generator().manual_seed(seed + 2))
-    floor = sw_noise_floor(model.sample, n_samples, repeats=3, seed=seed, n_projections=sw_projections)
+    floor = sw_noise_floor(
+        model.sample, n_samples, repeats=3, seed=seed, n_projections=sw_projections
+    )
     info = {
         "prior": spec["prior"],
         "dim": d,
@@ -131,7 +135,9 @@ def build_task(name: str, n_samples: int, *, seed: int = 0, sw_projections: int 
         "t_min": p.t_min,
         "n_samples": n_samples,
         "seed": seed,
-        "reference": "DOP853 float64 PF-ODE + exact denoiser" if spec["prior"] == "gmm" else "closed form",
+        "reference": "DOP853 float64 PF-ODE + exact denoiser"
+        if spec["prior"] == "gmm"
+        else "closed form",
         "reference_accuracy": acc,
         "reference_accuracy_is": acc_text,
         "reference_seconds": round(ref_seconds, 3),
@@ -165,7 +171,9 @@ def our_settings(name: str, quick: bool = False) -> list[dict[str, Any]]:
     return out
 
 
-def run_ours(task: Task, name: str, setting: dict[str, Any], nfe: int, idx: slice) -> dict[str, Any]:
+def run_ours(
+    task: Task, name: str, setting: dict[str, Any], nfe: int, idx: slice
+) -> dict[str, Any]:
     """Run one of our solvers with one setting at an NFE budget on ``x_T[idx]``."""
     opts = {k: v for k, v in setting.items() if k != "grid"}
     solver = get_solver(name, **opts)
@@ -173,8 +181,14 @@ def run_ours(task: Task, name: str, setting: dict[str, Any], nfe: int, idx: slic
     grid = make_grid(task.model.process, n, setting["grid"])
     stats: dict[str, Any] = {}
     x = sample(
-        task.model, task.x_T[idx], grid, solver, final="denoise", dtype=torch.float64,
-        stats=stats, progress=False,
+        task.model,
+        task.x_T[idx],
+        grid,
+        solver,
+        final="denoise",
+        dtype=torch.float64,
+        stats=stats,
+        progress=False,
     )
     return {"x": x, "nfe_used": stats["nfe"], "steps": n, "notes": []}
 
@@ -237,8 +251,10 @@ def _record(
             nfe_used=out["nfe_used"],
             rel_error=rel_error(x, task.ref),
             sw=sliced_wasserstein(
-                x.reshape(x.shape[0], -1), task.data.reshape(x.shape[0], -1),
-                task.info["sw_projections"], seed=task.info["seed"],
+                x.reshape(x.shape[0], -1),
+                task.data.reshape(x.shape[0], -1),
+                task.info["sw_projections"],
+                seed=task.info["seed"],
             ),
         )
     return rec
@@ -252,7 +268,9 @@ def _diffusers_runner(spec: dr.SchedulerSpec, task: Task, nfe: int):
             out = dr.run_scheduler(
                 spec, setting, task.model, task.x_T[idx], nfe, task.kind, dtype=torch.float32
             )
-            out["notes"].append(f"float64 failed ({type(e).__name__}: {str(e)[:80]}); ran in float32")
+            out["notes"].append(
+                f"float64 failed ({type(e).__name__}: {str(e)[:80]}); ran in float32"
+            )
             return out
 
     return run
@@ -304,14 +322,7 @@ def run_bench(
             for nfe in nfes:
                 for name in ours:
                     bar.set_postfix_str(f"{tname} NFE {nfe} {name}")
-                    settings = our_settings(name, quick)
-                    best, out, fails = _select(
-                        task, settings, lambda s, i, n=name: run_ours(task, n, s, nfe, i), n_select
-                    )
-                    notes = [] if best is not None else ["no setting ran: " + " | ".join(fails)]
-                    records.append(
-                        _record(task, "diffusolve", name, nfe, best, out, notes, len(settings), len(fails))
-                    )
+                    records.append(_run_ours_method(task, name, nfe, n_select, quick))
                     bar.update(1)
                 for spec in specs:
                     bar.set_postfix_str(f"{tname} NFE {nfe} {spec.method}")
@@ -340,7 +351,20 @@ def run_bench(
     return result
 
 
-def _run_spec(task: Task, spec: dr.SchedulerSpec, nfe: int, n_select: int, quick: bool) -> dict[str, Any]:
+def _run_ours_method(task: Task, name: str, nfe: int, n_select: int, quick: bool) -> dict[str, Any]:
+    settings = our_settings(name, quick)
+
+    def run(setting: dict[str, Any], idx: slice) -> dict[str, Any]:
+        return run_ours(task, name, setting, nfe, idx)
+
+    best, out, fails = _select(task, settings, run, n_select)
+    notes = [] if best is not None else ["no setting ran: " + " | ".join(fails)]
+    return _record(task, "diffusolve", name, nfe, best, out, notes, len(settings), len(fails))
+
+
+def _run_spec(
+    task: Task, spec: dr.SchedulerSpec, nfe: int, n_select: int, quick: bool
+) -> dict[str, Any]:
     reason = dr.unsupported_note(spec, task.kind)
     if reason is not None:
         return _record(task, "diffusers", spec.method, nfe, None, None, [reason], 0)

@@ -124,9 +124,9 @@ class GaussianMixture(Denoiser, ODEReference):
 
         Pairs (row, component) whose responsibility is provably below ``exp(-_PRUNE)`` (from
         ``|x~ - mu_k|^2 / (l_max + s^2) <= maha_k <= |x~ - mu_k|^2 / (l_min + s^2)``) are
-        skipped: their log-joint is ``-inf``. Each term is ``(k, rows, y, v)`` with ``rows``
-        the kept row indices (``None``: all rows), ``y = U_k^T (x~ - mu_k)`` and
-        ``v = l_k + s^2``.
+        skipped: their log-joint is ``-inf``. Each term is ``(k, rows, y, 1 / v)`` with
+        ``rows`` the kept row indices (``None``: all rows), ``y = U_k^T (x~ - mu_k)`` and
+        ``v = l_k + s^2`` (``[d]`` when all rows share one noise level, else per row).
         """
         b = xt.shape[0]
         shared = bool(torch.all(s2 == s2[0]))
