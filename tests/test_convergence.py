@@ -62,7 +62,9 @@ def test_convergence_order(name):
     nfes, errs = solve_errors(name, steps, solver.natural_grid)
     slope = fitted_order(nfes, errs)
     assert all(e < 0.2 for e in errs), (name, errs)
-    assert abs(slope - solver.order) <= 0.3, f"{name}: fitted order {slope:.2f}, expected {solver.order}; errors {errs}"
+    assert abs(slope - solver.order) <= 0.3, (
+        f"{name}: fitted order {slope:.2f}, expected {solver.order}; errors {errs}"
+    )
 
 
 def test_registry_is_complete():

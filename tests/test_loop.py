@@ -10,7 +10,9 @@ from diffusolve.process import ddpm, edm, make_grid, vp_linear
 
 
 def _prior(process=None):
-    return Gaussian(torch.tensor([0.5, -1.0]), torch.tensor([0.3, 2.0]), process=process or vp_linear())
+    return Gaussian(
+        torch.tensor([0.5, -1.0]), torch.tensor([0.3, 2.0]), process=process or vp_linear()
+    )
 
 
 def test_nfe_counting_and_final_policy():

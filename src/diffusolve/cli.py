@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_solvers)
 
     p = sub.add_parser("sample", help="sample from a model and save an image grid")
-    p.add_argument("--model", default="digits", help="'digits' (bundled) or a local diffusers folder")
+    p.add_argument(
+        "--model", default="digits", help="'digits' (bundled) or a local diffusers folder"
+    )
     p.add_argument("--solver", default="dpmpp_2m", help="solver name (see `diffusolve solvers`)")
     p.add_argument("--steps", type=int, default=20, help="number of grid steps")
     p.add_argument("--grid", default=None, help="grid kind (default: the solver's natural grid)")
@@ -53,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", type=int, default=None, help="class label (class-conditional models)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="seed (per-sample seeds seed, seed+1, ...)")
-    p.add_argument("--out", default="grid.png", help="output PNG (refuses to overwrite without --force)")
+    p.add_argument(
+        "--out", default="grid.png", help="output PNG (refuses to overwrite without --force)"
+    )
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.set_defaults(func=_cmd_sample)
 

@@ -80,7 +80,9 @@ def _digits_section(out: Path, quick: bool, progress: bool) -> tuple[str, list[s
         t0 = time.time()
         xs = []
         for chunk in torch.split(torch.arange(n_fd), 500):
-            xT = proc.prior_sample((chunk.numel(), 1, 16, 16), noise=_seeded(chunk.numel(), 10_000 + int(chunk[0])))
+            xT = proc.prior_sample(
+                (chunk.numel(), 1, 16, 16), noise=_seeded(chunk.numel(), 10_000 + int(chunk[0]))
+            )
             with torch.no_grad():
                 xs.append(sample(model, xT, grid, solver, cond=fd_labels[chunk], progress=progress))
         fd = fd_digits(torch.cat(xs))
@@ -113,7 +115,9 @@ def _exact_section(out: Path, quick: bool, progress: bool) -> tuple[str, list[st
     n = 256 if quick else 1000
     xT = proc.prior_sample((n, 2), torch.Generator().manual_seed(0), dtype=torch.float64)
     ref = gmm.reference(xT, proc.t_max, proc.t_min, final="denoise")
-    names = _available(("ddim", "heun", "dpmpp_2m", "dpmpp_3m", "unipc_bh2_2", "deis_tab3", "ipndm"))
+    names = _available(
+        ("ddim", "heun", "dpmpp_2m", "dpmpp_3m", "unipc_bh2_2", "deis_tab3", "ipndm")
+    )
     nfes = (5, 10, 20, 50)
     rows, curves = [], {}
     for name in names:
@@ -163,7 +167,9 @@ def _exact_section(out: Path, quick: bool, progress: bool) -> tuple[str, list[st
     return "\n".join(md), [table]
 
 
-def run_demo(out: str | Path = "diffusolve-demo", quick: bool = False, progress: bool = True) -> int:
+def run_demo(
+    out: str | Path = "diffusolve-demo", quick: bool = False, progress: bool = True
+) -> int:
     """Run the demo and write ``out/report.md``; returns an exit code."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -179,5 +185,7 @@ def run_demo(out: str | Path = "diffusolve-demo", quick: bool = False, progress:
     report.write_text("\n".join(parts) + "\n")
     for tab in printed:
         print(tab, end="\n\n")
-    print(f"Wrote {report} and {len(list(out.glob('*.png')))} PNG panels in {out}/ ({time.time() - t0:.0f} s).")
+    print(
+        f"Wrote {report} and {len(list(out.glob('*.png')))} PNG panels in {out}/ ({time.time() - t0:.0f} s)."
+    )
     return 0

@@ -43,8 +43,10 @@ CONVENTION = (
     "Every method starts from the same x_T = prior noise at the process's t_max and outputs an "
     "x0 estimate. Reference: the exact probability-flow ODE solution from (x_T, t_max) to t_min "
     "(DOP853, float64, rtol=atol=1e-10; closed form for Gaussian tasks) followed by the exact "
-    "denoiser at t_min. Our solvers end at t_min with final='denoise' (the final denoise counts "
-    "as one NFE); diffusers schedulers run their own final step. rel_error = mean over samples of "
+    "denoiser at t_min. Our solvers end with final='denoise' (the final denoise counts as one "
+    "NFE) at t_min (setting end=t_min) or, like diffusers' final_sigmas_type='zero' and EDM's "
+    "last Euler step to sigma=0, one grid point early (end=early: the second-to-last point of a "
+    "grid with one more interval); diffusers schedulers run their own final step. rel_error = mean over samples of "
     "||x - x_ref|| / ||x_ref||; sw = sliced Wasserstein-2 distance of the samples to exact data "
     "samples of the same size (noise floor sw_floor = SW between two independent exact sets). "
     "Diffusers schedulers get the exact model in the parameterisation they expect (epsilon for "
@@ -165,20 +167,40 @@ def our_settings(name: str, quick: bool = False) -> list[dict[str, Any]]:
     if "lower_order_final" in solver.options():
         lofs = [True, False]
     out = []
-    for k in kinds:
-        for lof in lofs:
-            out.append({"grid": k} if lof is None else {"grid": k, "lower_order_final": lof})
+    for end in ENDS:
+        for k in kinds:
+            for lof in lofs:
+                st: dict[str, Any] = {"grid": k, "end": end}
+                if lof is not None:
+                    st["lower_order_final"] = lof
+                out.append(st)
     return out
+
+
+#: where our grid ends before the final denoise: at t_min, or "early" -- at the
+#: second-to-last point of a grid with one more interval, i.e. the final denoise jumps from
+#: there to the clean estimate exactly as diffusers' final_sigmas_type="zero" (and EDM's
+#: last Euler step to sigma = 0) do
+ENDS = ("t_min", "early")
+
+
+def our_grid(process: Any, n_steps: int, kind: str, end: str = "t_min") -> Tensor:
+    """The grid of ``n_steps`` steps for a bench setting (see :data:`ENDS`)."""
+    if end == "t_min":
+        return make_grid(process, n_steps, kind)
+    if end == "early":
+        return make_grid(process, n_steps + 1, kind)[:-1]
+    raise ValueError(f"unknown grid end {end!r}; choose from {ENDS}")
 
 
 def run_ours(
     task: Task, name: str, setting: dict[str, Any], nfe: int, idx: slice
 ) -> dict[str, Any]:
     """Run one of our solvers with one setting at an NFE budget on ``x_T[idx]``."""
-    opts = {k: v for k, v in setting.items() if k != "grid"}
+    opts = {k: v for k, v in setting.items() if k not in ("grid", "end")}
     solver = get_solver(name, **opts)
     n = steps_for_nfe(solver, nfe, "denoise")
-    grid = make_grid(task.model.process, n, setting["grid"])
+    grid = our_grid(task.model.process, n, setting["grid"], setting.get("end", "t_min"))
     stats: dict[str, Any] = {}
     x = sample(
         task.model,

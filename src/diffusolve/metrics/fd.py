@@ -121,13 +121,19 @@ def fd_digits(samples: Tensor, reference: str | Tensor = "heldout") -> float:
 
 def fd_digits_noise_floor(n: int | None = None, seed: int = 0) -> float:
     """FD-digits between the held-out split and ``n`` train images (default: as many as the
-    held-out split, 359) drawn without replacement with ``seed``: the distance between two
+    held-out split, 359), drawn without replacement with ``seed`` and class-balanced like the
+    model card's samples (label ``i % 10`` for the ``i``-th image): the distance between two
     sets of real digits, i.e. the scale of a perfect model's FD at that size."""
     from ..train.data import load_digits
 
-    x, _ = load_digits("train")
+    x, y = load_digits("train")
     n = len(_reference_features("heldout")) if n is None else int(n)
-    if not 2 <= n <= len(x):
-        raise ValueError(f"n must be in [2, {len(x)}], got {n}")
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
-    return fd_digits(x[idx], "heldout")
+    per_class = torch.bincount(torch.arange(n) % 10, minlength=10)
+    if n < 2 or bool((per_class > torch.bincount(y, minlength=10)).any()):
+        raise ValueError(f"n must be in [2, {10 * int(torch.bincount(y).min())}], got {n}")
+    gen = torch.Generator().manual_seed(seed)
+    idx = []
+    for c in range(10):
+        pool = torch.nonzero(y == c).flatten()
+        idx.append(pool[torch.randperm(len(pool), generator=gen)[: int(per_class[c])]])
+    return fd_digits(x[torch.cat(idx)], "heldout")

@@ -16,7 +16,13 @@ from torch import Tensor
 
 from ..process import PREDICTIONS, Process, as_time, from_x0, to_x0
 
-__all__ = ["Denoiser", "CallableDenoiser", "from_callable", "DynamicThresholding", "dynamic_threshold"]
+__all__ = [
+    "Denoiser",
+    "CallableDenoiser",
+    "from_callable",
+    "DynamicThresholding",
+    "dynamic_threshold",
+]
 
 
 def dynamic_threshold(x0: Tensor, ratio: float = 0.995, max_value: float = 1.0) -> Tensor:
@@ -42,7 +48,9 @@ class Denoiser:
     def __call__(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Tensor:
         return self.denoise(x, as_time(t), cond)
 
-    def predict(self, x: Tensor, t: Tensor | float, kind: str = "epsilon", cond: Any = None) -> Tensor:
+    def predict(
+        self, x: Tensor, t: Tensor | float, kind: str = "epsilon", cond: Any = None
+    ) -> Tensor:
         """The model output in another parameterisation (``epsilon``, ``v``, ``score``, ...)."""
         return from_x0(self.process, x, t, self(x, t, cond), kind)
 
@@ -111,9 +119,7 @@ def _takes_three_args(fn: Callable[..., Any]) -> bool:
     except (TypeError, ValueError):
         return False
     params = [
-        p
-        for p in sig.parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        p for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
     has_var = any(p.kind == p.VAR_POSITIONAL for p in sig.parameters.values())
     return has_var or len(params) >= 3

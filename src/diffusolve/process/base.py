@@ -160,7 +160,9 @@ class Process:
             raise ValueError(f"{self.name}: lambda(t) must decrease strictly on [t_min, t_max].")
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, t_min={self.t_min:g}, t_max={self.t_max:g})"
+        return (
+            f"{type(self).__name__}(name={self.name!r}, t_min={self.t_min:g}, t_max={self.t_max:g})"
+        )
 
 
 def _log1mexp(x: Tensor) -> Tensor:

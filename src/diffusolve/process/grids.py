@@ -85,7 +85,9 @@ def check_grid(process: Process, grid: Tensor) -> Tensor:
     if not isinstance(grid, Tensor):
         grid = torch.as_tensor(grid, dtype=torch.float64)
     if grid.ndim != 1 or grid.numel() < 2:
-        raise ValueError(f"a time grid must be 1-D with at least 2 times (got shape {tuple(grid.shape)}).")
+        raise ValueError(
+            f"a time grid must be 1-D with at least 2 times (got shape {tuple(grid.shape)})."
+        )
     if not torch.all(torch.isfinite(grid)):
         raise ValueError("the time grid contains non-finite values.")
     d = grid[1:] - grid[:-1]

@@ -18,7 +18,16 @@ from torch import Tensor
 from ..process import Process, as_time
 from ..process.param import coef, eps_from_x0
 
-__all__ = ["Solver", "BoundModel", "GridProcess", "REGISTRY", "register", "get_solver", "list_solvers", "coef"]
+__all__ = [
+    "Solver",
+    "BoundModel",
+    "GridProcess",
+    "REGISTRY",
+    "register",
+    "get_solver",
+    "list_solvers",
+    "coef",
+]
 
 
 class GridProcess:
@@ -151,7 +160,11 @@ class Solver:
 
     def options(self) -> dict[str, Any]:
         """The options this instance was built with (for records and tables)."""
-        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k not in ("name", "stochastic", "citation")}
+        return {
+            k: v
+            for k, v in vars(self).items()
+            if not k.startswith("_") and k not in ("name", "stochastic", "citation")
+        }
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())

@@ -58,5 +58,3 @@ class DDIM(Solver):
         z = state["noise"](tuple(x.shape), dtype=x.dtype, device=x.device)
         det = torch.sqrt(torch.clamp(s1 * s1 - std * std, min=0.0))
         return coef(a1, x) * x0 + coef(det, x) * eps + coef(std, x) * z, state
-
-

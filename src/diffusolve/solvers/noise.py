@@ -47,7 +47,10 @@ class SeededNoise:
             )
         # draw in float64 on the CPU so the values do not depend on dtype or device
         out = torch.stack(
-            [torch.randn(tuple(shape[1:]), generator=g, dtype=torch.float64) for g in self.generators]
+            [
+                torch.randn(tuple(shape[1:]), generator=g, dtype=torch.float64)
+                for g in self.generators
+            ]
         )
         return out.to(dtype=dtype, device=device)
 

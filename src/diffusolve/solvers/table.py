@@ -37,7 +37,9 @@ def solver_table(markdown: bool = True) -> str:
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols[:-1]}
     lines = ["  ".join(c.ljust(widths[c]) for c in cols[:-1]) + "  paper"]
     for r in rows:
-        lines.append("  ".join(str(r[c]).ljust(widths[c]) for c in cols[:-1]) + "  " + str(r["paper"]))
+        lines.append(
+            "  ".join(str(r[c]).ljust(widths[c]) for c in cols[:-1]) + "  " + str(r["paper"])
+        )
     return "\n".join(lines)
 
 

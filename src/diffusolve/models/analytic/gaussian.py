@@ -114,7 +114,9 @@ class Gaussian(Denoiser):
         a, sig = _col(self.process.alpha(t), xf.shape[0]), _col(self.process.sigma(t), xf.shape[0])
         var = a * a * self.evals + sig * sig
         y = (xf - a * self.mean) @ self.evecs
-        return -0.5 * ((y * y / var).sum(1) + torch.log(var).sum(1) + self.dim * math.log(2 * math.pi))
+        return -0.5 * (
+            (y * y / var).sum(1) + torch.log(var).sum(1) + self.dim * math.log(2 * math.pi)
+        )
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``n`` exact data samples (float64)."""
@@ -132,7 +134,9 @@ class Gaussian(Denoiser):
         out = a1 * (self.mean + y1 @ self.evecs.T)
         return out.reshape(x.shape).to(x.dtype)
 
-    def reference(self, x: Tensor, t: Tensor | float, t_end: Tensor | float, final: str = "denoise") -> Tensor:
+    def reference(
+        self, x: Tensor, t: Tensor | float, t_end: Tensor | float, final: str = "denoise"
+    ) -> Tensor:
         """Exact result of :func:`diffusolve.sample` from ``(x, t)`` to ``t_end`` with ``final``."""
         xe = self.ode_solution(x, t, t_end)
         return self(xe, t_end) if final == "denoise" else xe
