@@ -3,8 +3,9 @@
 Each builder returns ``N + 1`` times from ``t_start`` (default ``process.t_max``) to
 ``t_end`` (default ``process.t_min``). The final-step policy is the ``final`` argument of
 :func:`diffusolve.sample`: ``"none"`` returns ``x`` at ``t[N]``; ``"denoise"`` (default)
-returns the model's x0 estimate at ``t[N]`` (one more model call for single-step
-solvers; free for multistep solvers, which evaluate the model there anyway).
+returns the model's x0 estimate at ``t[N]`` (one more model evaluation, counted in the
+NFE). To jump to the clean estimate from higher noise, as diffusers' ``final_sigmas_type=
+"zero"`` does, end the grid earlier (``t_end``, or drop the last point of a finer grid).
 """
 
 from __future__ import annotations
