@@ -24,7 +24,6 @@ TEST = CARD["test_check"]  # the card's figure for exactly the configuration use
 
 @pytest.fixture(scope="module")
 def guided_samples() -> tuple[torch.Tensor, torch.Tensor]:
-    torch.set_num_threads(1)
     labels = torch.arange(TEST["n"]) % 10
     model = load("digits", guidance=TEST["guidance"])
     return sample_digits(model, labels, TEST["steps"], TEST["solver"], seed=TEST["seed"]), labels
@@ -94,6 +93,7 @@ def test_guided_samples_have_the_requested_class(guided_samples) -> None:
         pred = load_classifier()(xs, torch.tensor(0.0)).argmax(1)
     per_class = torch.stack([(pred[labels == c] == c).float().mean() for c in range(10)])
     assert (pred == labels).float().mean() >= 0.8, per_class
+    assert per_class.min() >= 0.5, per_class
     assert xs.min() >= -1.0 and xs.max() <= 1.0
 
 
@@ -111,17 +111,29 @@ def test_train_cli_registers_and_runs_tiny(tmp_path: Path) -> None:
     from diffusolve.train.classifier import load_classifier_from
     from diffusolve.train.cli import register
 
-    parser = argparse.ArgumentParser(prog="diffusolve")
-    register(parser.add_subparsers(dest="command"))
+    parser = argparse.ArgumentParser(prog="diffusolve train")
+    register(parser.add_subparsers(dest="train_command"))
     args = parser.parse_args(
-        ["train", "digits", "--steps", "2", "--batch-size", "4", "--out", str(tmp_path), "--quiet"]
+        ["digits", "--steps", "2", "--batch-size", "4", "--out", str(tmp_path), "--quiet"]
     )
     assert args.func(args) == 0
     model = load_diffusers(tmp_path)
     assert model.prediction == "v" and isinstance(model.process, DiscreteVP)
     args = parser.parse_args(
-        ["train", "digits-classifier", "--steps", "2", "--out", str(tmp_path), "--quiet"]
+        ["digits-classifier", "--steps", "2", "--out", str(tmp_path), "--quiet"]
     )
     assert args.func(args) == 0
     net = load_classifier_from(tmp_path)
     assert net(torch.zeros(2, 1, 16, 16), torch.tensor(3.0)).shape == (2, 10)
+
+
+def test_training_is_deterministic_for_a_seed(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from diffusolve.train.digits import DigitsConfig, train_digits
+
+    for name in ("a", "b"):
+        train_digits(DigitsConfig(steps=2, batch_size=4, seed=3), tmp_path / name, progress=False)
+    wa = load_file(str(tmp_path / "a" / "unet" / "diffusion_pytorch_model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

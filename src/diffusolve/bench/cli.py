@@ -105,7 +105,7 @@ def samplers_main(args: argparse.Namespace) -> int:
             methods=args.methods,
             schedulers=args.schedulers,
             seed=args.seed,
-            progress=not args.no_progress,
+            progress=not args.no_progress and sys.stderr.isatty(),
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -217,7 +217,9 @@ def train_classifier(
         for tt in (100, 300, 500, 700, 900):
             a, s = float(ac[tt].sqrt()), float((1 - ac[tt]).sqrt())
             xt = a * x_test + s * torch.randn(x_test.shape, generator=g)
-            acc[f"t={tt}"] = float((net(xt, torch.tensor(float(tt))).argmax(1) == y_test).float().mean())
+            acc[f"t={tt}"] = float(
+                (net(xt, torch.tensor(float(tt))).argmax(1) == y_test).float().mean()
+            )
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out / CLASSIFIER_FILE))
     config = {
@@ -228,7 +230,10 @@ def train_classifier(
         "num_classes": NUM_CLASSES,
         "time_scale": 1.0,
         "time_units": "diffusers timestep of the digits process (0..999)",
-        "process": {k: sched_cfg[k] for k in ("beta_schedule", "beta_start", "beta_end", "num_train_timesteps")},
+        "process": {
+            k: sched_cfg[k]
+            for k in ("beta_schedule", "beta_start", "beta_end", "num_train_timesteps")
+        },
         "train": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
         "parameters": sum(p.numel() for p in net.parameters()),
         "wall_time_s": round(wall, 1),
@@ -252,7 +257,11 @@ def load_classifier_from(folder: str | Path) -> NoiseAwareClassifier:
         )
     cfg = json.loads(cfg_path.read_text())
     net = NoiseAwareClassifier(
-        tuple(cfg["widths"]), cfg["feature_dim"], cfg["t_dim"], cfg["num_classes"], cfg["time_scale"]
+        tuple(cfg["widths"]),
+        cfg["feature_dim"],
+        cfg["t_dim"],
+        cfg["num_classes"],
+        cfg["time_scale"],
     )
     net.load_state_dict(load_file(str(folder / CLASSIFIER_FILE)))
     return net.eval().requires_grad_(False)

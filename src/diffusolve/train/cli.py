@@ -9,9 +9,22 @@ from typing import Any
 __all__ = ["register", "main"]
 
 
+def _check_out(out: str, files: tuple[str, ...], force: bool) -> None:
+    """Refuse to overwrite earlier results (the packaged weights included) without --force."""
+    from pathlib import Path
+
+    existing = [f for f in files if (Path(out) / f).exists()]
+    if existing and not force:
+        raise FileExistsError(
+            f"{out} already holds {', '.join(existing)}; pass --force to overwrite, or choose "
+            "another --out"
+        )
+
+
 def _digits(args: argparse.Namespace) -> int:
     from .digits import DigitsConfig, train_digits
 
+    _check_out(args.out, ("unet", "scheduler", "train_info.json"), args.force)
     cfg = DigitsConfig(seed=args.seed)
     if args.steps is not None:
         cfg.steps = args.steps
@@ -25,6 +38,7 @@ def _digits(args: argparse.Namespace) -> int:
 def _classifier(args: argparse.Namespace) -> int:
     from .classifier import ClassifierConfig, train_classifier
 
+    _check_out(args.out, ("classifier.safetensors", "classifier_config.json"), args.force)
     cfg = ClassifierConfig(seed=args.seed)
     if args.steps is not None:
         cfg.steps = args.steps
@@ -36,43 +50,54 @@ def _classifier(args: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the shipped recipe)")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and noise")
-    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the recipe's)")
     p.add_argument(
-        "--out", default=None, help="output folder (default: the packaged assets/digits folder)"
+        "--steps", type=int, default=None, help="optimizer steps (default: the shipped recipe)"
     )
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and noise")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="batch size (default: the recipe's)"
+    )
+    p.add_argument(
+        "--out",
+        default="digits-model",
+        help="output folder (default: ./digits-model; the shipped weights were made with "
+        "--out src/diffusolve/assets/digits --force)",
+    )
+    p.add_argument("--force", action="store_true", help="overwrite existing results in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def register(subparsers: Any) -> argparse.ArgumentParser:
-    """Add a ``train`` command with ``digits`` and ``digits-classifier`` sub-commands.
+def register(subparsers: Any) -> None:
+    """Add the ``digits`` and ``digits-classifier`` sub-commands to the ``train`` group's
+    ``subparsers`` (what ``parser.add_subparsers()`` returned for ``diffusolve train``).
 
     Each sub-command sets ``func`` (``func(args) -> exit code``) on the parsed namespace.
 
     Example:
         >>> import argparse
         >>> from diffusolve.train.cli import register
-        >>> parser = argparse.ArgumentParser(prog="diffusolve")
-        >>> _ = register(parser.add_subparsers(dest="command"))
-        >>> parser.parse_args(["train", "digits", "--steps", "10"]).steps
+        >>> parser = argparse.ArgumentParser(prog="diffusolve train")
+        >>> register(parser.add_subparsers(dest="train_command"))
+        >>> parser.parse_args(["digits", "--steps", "10"]).steps
         10
     """
-    train = subparsers.add_parser("train", help="train the small bundled models")
-    sub = train.add_subparsers(dest="train_command", required=True)
-    p = sub.add_parser("digits", help="class-conditional UNet on scikit-learn digits (16x16)")
+    p = subparsers.add_parser(
+        "digits", help="class-conditional UNet on scikit-learn digits (16x16)"
+    )
     _common(p)
     p.set_defaults(func=_digits)
-    p = sub.add_parser("digits-classifier", help="noise-aware digits classifier (FD-digits features)")
+    p = subparsers.add_parser(
+        "digits-classifier", help="noise-aware digits classifier (FD-digits features)"
+    )
     _common(p)
     p.set_defaults(func=_classifier)
-    return train
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``train ...`` on its own (``python -m diffusolve.train.cli train digits``)."""
     parser = argparse.ArgumentParser(prog="diffusolve")
-    register(parser.add_subparsers(dest="command", required=True))
+    train = parser.add_subparsers(dest="command", required=True).add_parser("train")
+    register(train.add_subparsers(dest="train_command", required=True))
     args = parser.parse_args(argv)
     return int(args.func(args))
 

@@ -25,13 +25,17 @@ def _all_digits(size: int = IMAGE_SIZE) -> tuple[Tensor, Tensor]:
     bunch = _sk_load()
     x = torch.as_tensor(bunch.images, dtype=torch.float32)[:, None] / 16.0  # [N, 1, 8, 8]
     if size != 8:
-        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        x = torch.nn.functional.interpolate(
+            x, size=(size, size), mode="bilinear", align_corners=False
+        )
     x = (x * 2.0 - 1.0).clamp(-1.0, 1.0)
     y = torch.as_tensor(bunch.target, dtype=torch.long)
     return x.contiguous(), y
 
 
-def split(labels: Tensor, fraction: float = HELDOUT_FRACTION, seed: int = SPLIT_SEED) -> tuple[Tensor, Tensor]:
+def split(
+    labels: Tensor, fraction: float = HELDOUT_FRACTION, seed: int = SPLIT_SEED
+) -> tuple[Tensor, Tensor]:
     """Stratified indices ``(train_idx, heldout_idx)``: per class, a seeded permutation and
     the first ``round(fraction * n_class)`` indices held out. Deterministic for ``seed``."""
     if not 0.0 < fraction < 1.0:
