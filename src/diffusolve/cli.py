@@ -29,7 +29,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(out=args.out, quick=args.quick, progress=not args.no_progress)
+    return run_demo(
+        out=args.out, quick=args.quick, progress=not args.no_progress and sys.stderr.isatty()
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,6 +22,7 @@ __all__ = ["Euler", "Heun"]
 
 
 class _EDMBase(Solver):
+    natural_grid = "karras"  # EDM (rho = 7)
     citation = "Karras, Aittala, Aila & Laine, Elucidating the Design Space of Diffusion-Based Generative Models, NeurIPS 2022"
 
     def __init__(
