@@ -31,13 +31,18 @@ def test_every_solver_every_process_is_finite(process_name):
 
 @pytest.mark.parametrize("name", [n for n in list_solvers() if not get_solver(n).stochastic])
 def test_deterministic_solvers_approach_the_exact_endpoint(name):
-    """At 40 steps every deterministic solver lands close to the exact PF-ODE endpoint."""
+    """On a Gaussian mixture (exact PF-ODE reference) every deterministic solver lands close
+    to the exact endpoint at 40 steps and gets closer when the steps double."""
     proc = get_process("ddpm-linear")
     gmm = _gmm(proc)
     xT = proc.prior_sample((64, 2), torch.Generator().manual_seed(1), dtype=torch.float64)
     solver = get_solver(name)
-    grid = make_grid(proc, 40, solver.natural_grid)
-    ref = gmm.reference(xT, grid[0], grid[-1], final="denoise")
-    out = sample(gmm, xT, grid, solver)
-    err = ((out - ref).norm(dim=1) / ref.norm(dim=1)).mean()
-    assert err < 0.05, (name, float(err))
+    errs = []
+    for n in (40, 80):
+        grid = make_grid(proc, n, solver.natural_grid)
+        ref = gmm.reference(xT, grid[0], grid[-1], final="denoise")
+        out = sample(gmm, xT, grid, solver)
+        errs.append(float(((out - ref).norm(dim=1) / ref.norm(dim=1)).mean()))
+    assert errs[0] < 0.1, (name, errs)
+    # at least first-order convergence: halving the step cuts the error by ~2 or more
+    assert errs[1] < 0.6 * errs[0], (name, errs)
