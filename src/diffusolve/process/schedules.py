@@ -200,13 +200,11 @@ def from_scheduler_config(config: Mapping[str, Any] | Any) -> Process:
     )
 
 
-class _VPLinear(Process):
-    def __init__(self, beta_min: float, beta_max: float, t_min: float, t_max: float) -> None:
-        super().__init__(t_min=t_min, t_max=t_max, name="vp-linear")
-        self.b0, self.b1 = float(beta_min), float(beta_max)
+class _LogAlphaVP(Process):
+    """A continuous VP process given by ``log alpha(t)``; ``sigma = sqrt(1 - alpha^2)``."""
 
-    def _log_alpha(self, t: Tensor) -> Tensor:
-        return -0.25 * t**2 * (self.b1 - self.b0) - 0.5 * t * self.b0
+    def _log_alpha(self, t: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
 
     def alpha(self, t: Tensor | float) -> Tensor:
         return torch.exp(self._log_alpha(as_time(t)))
@@ -218,9 +216,21 @@ class _VPLinear(Process):
         la = self._log_alpha(as_time(t))
         return la - 0.5 * torch.log(-torch.expm1(2 * la))
 
+    @staticmethod
+    def _log_alpha_of_lambda(lam: Tensor | float) -> Tensor:
+        return -0.5 * torch.nn.functional.softplus(-2.0 * as_time(lam))
+
+
+class _VPLinear(_LogAlphaVP):
+    def __init__(self, beta_min: float, beta_max: float, t_min: float, t_max: float) -> None:
+        super().__init__(t_min=t_min, t_max=t_max, name="vp-linear")
+        self.b0, self.b1 = float(beta_min), float(beta_max)
+
+    def _log_alpha(self, t: Tensor) -> Tensor:
+        return -0.25 * t**2 * (self.b1 - self.b0) - 0.5 * t * self.b0
+
     def t_of_lambda(self, lam: Tensor | float) -> Tensor:
-        lam = as_time(lam)
-        log_alpha = -0.5 * torch.nn.functional.softplus(-2.0 * lam)
+        log_alpha = self._log_alpha_of_lambda(lam)
         a = 0.25 * (self.b1 - self.b0)
         b = 0.5 * self.b0
         return (-b + torch.sqrt(b * b - 4 * a * log_alpha)) / (2 * a)
@@ -240,7 +250,7 @@ def vp_linear(
     return _VPLinear(beta_min, beta_max, t_min, t_max)
 
 
-class _VPCosine(Process):
+class _VPCosine(_LogAlphaVP):
     def __init__(self, s: float, t_min: float, t_max: float) -> None:
         super().__init__(t_min=t_min, t_max=t_max, name="vp-cosine")
         self.s = float(s)
@@ -249,19 +259,8 @@ class _VPCosine(Process):
     def _log_alpha(self, t: Tensor) -> Tensor:
         return torch.log(torch.cos(math.pi / 2 * (t + self.s) / (1 + self.s))) - self._log_alpha0
 
-    def alpha(self, t: Tensor | float) -> Tensor:
-        return torch.exp(self._log_alpha(as_time(t)))
-
-    def sigma(self, t: Tensor | float) -> Tensor:
-        return torch.sqrt(-torch.expm1(2 * self._log_alpha(as_time(t))))
-
-    def lam(self, t: Tensor | float) -> Tensor:
-        la = self._log_alpha(as_time(t))
-        return la - 0.5 * torch.log(-torch.expm1(2 * la))
-
     def t_of_lambda(self, lam: Tensor | float) -> Tensor:
-        lam = as_time(lam)
-        log_alpha = -0.5 * torch.nn.functional.softplus(-2.0 * lam)
+        log_alpha = self._log_alpha_of_lambda(lam)
         c = torch.exp(log_alpha + self._log_alpha0).clamp(max=1.0)
         return 2 * (1 + self.s) / math.pi * torch.arccos(c) - self.s
 

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...process import Process, as_time
+from ...process import Process
 from ..base import Denoiser
-from .gaussian import _col
+from .gaussian import chunked_apply
 from .reference import ODEReference
 
 __all__ = ["Empirical"]
@@ -71,17 +71,9 @@ class Empirical(Denoiser, ODEReference):
 
     def _apply(self, fn: Any, x: Tensor, t: Tensor | float) -> Tensor:
         """Run ``fn(x~, a, s2)`` on row chunks with per-row ``alpha`` and ``s^2``."""
-        xf = self._flat(x)
-        n = xf.shape[0]
-        t = as_time(t)
-        a = _col(self.process.alpha(t), n)
-        s = _col(self.process.sigma_tilde(t), n)
-        step = max(1, _CHUNK_ELEMENTS // self.n_points)
-        outs = [
-            fn(xf[i : i + step] / a[i : i + step], a[i : i + step], s[i : i + step] ** 2)
-            for i in range(0, n, step)
-        ]
-        return torch.cat(outs)
+        return chunked_apply(
+            self.process, fn, self._flat(x), t, max(1, _CHUNK_ELEMENTS // self.n_points)
+        )
 
     # ------------------------------------------------------------ contract
     def denoise(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:

@@ -29,6 +29,21 @@ def _col(v: Tensor, n: int) -> Tensor:
     return v.reshape(-1, 1) if v.ndim else v.reshape(1, 1).expand(n, 1)
 
 
+def chunked_apply(process: Process, fn: Any, xf: Tensor, t: Tensor | float, rows: int) -> Tensor:
+    """Run ``fn(x~, a, s2)`` on chunks of ``rows`` rows of the flat batch ``xf`` (``[B, d]``),
+    with per-row ``a = alpha(t)`` and ``s2 = (sigma / alpha)^2`` shaped ``[b, 1]``."""
+    n = xf.shape[0]
+    t = as_time(t)
+    a = _col(process.alpha(t), n)
+    s = _col(process.sigma_tilde(t), n)
+    step = max(1, int(rows))
+    outs = [
+        fn(xf[i : i + step] / a[i : i + step], a[i : i + step], s[i : i + step] ** 2)
+        for i in range(0, n, step)
+    ]
+    return torch.cat(outs)
+
+
 class Gaussian(Denoiser):
     """Exact Gaussian prior on ``R^d`` (samples of any shape with ``prod(shape) == d``).
 

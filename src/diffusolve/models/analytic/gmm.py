@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ...process import Process, as_time
+from ...process import Process
 from ..base import Denoiser
-from .gaussian import _col
+from .gaussian import chunked_apply
 from .reference import ODEReference
 
 __all__ = ["GaussianMixture"]
@@ -186,17 +186,7 @@ class GaussianMixture(Denoiser, ODEReference):
 
     def _apply(self, fn: Any, x: Tensor, t: Tensor | float) -> Tensor:
         """Run ``fn(x~, a, s2)`` on row chunks with per-row ``alpha`` and ``s^2``."""
-        xf = self._flat(x)
-        n = xf.shape[0]
-        t = as_time(t)
-        a = _col(self.process.alpha(t), n)
-        s = _col(self.process.sigma_tilde(t), n)
-        step = self._rows()
-        outs = [
-            fn(xf[i : i + step] / a[i : i + step], a[i : i + step], s[i : i + step] ** 2)
-            for i in range(0, n, step)
-        ]
-        return torch.cat(outs)
+        return chunked_apply(self.process, fn, self._flat(x), t, self._rows())
 
     # ------------------------------------------------------------ contract
     def denoise(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
