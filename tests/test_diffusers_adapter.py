@@ -272,7 +272,12 @@ def upcast_dpm(s: DPMSolverMultistepScheduler) -> None:
 # therefore not compared (measured difference 3e-2: order 3 vs 2 at one step).
 DPM_CASES = [
     # prediction, order, final_sigmas_type, diffusers lower_order_final, ours lower_order_final
-    ("epsilon", 2, "zero", True, False),
+    # (our final denoise is diffusers' step to sigma = 0, and lower_order_final counts it as
+    # the last step in both libraries: see diffusolve.solvers.base.final_order_cap)
+    ("epsilon", 2, "zero", True, True),
+    ("epsilon", 2, "zero", True, False),  # for 2M the cap changes nothing before sigma = 0
+    ("epsilon", 3, "zero", True, True),
+    ("v_prediction", 3, "zero", True, True),
     ("v_prediction", 2, "sigma_min", True, True),
     ("v_prediction", 3, "sigma_min", True, True),
     ("epsilon", 3, "zero", False, False),

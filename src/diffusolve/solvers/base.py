@@ -5,7 +5,8 @@ A solver is a small object with ``init(model, x, grid) -> state`` and
 :class:`BoundModel`: ``model(x, t) -> x0_hat`` with the condition bound, evaluations
 counted and outputs checked; ``model.process`` gives ``alpha``, ``sigma`` and ``lambda``.
 Multistep history lives in ``state`` (a dict); the loop sets ``state["i"]`` (the index of
-the current step) and ``state["n"]`` (the number of steps) before each step.
+the current step), ``state["n"]`` (the number of steps) and ``state["final"]`` (the final
+policy) before each step.
 """
 
 from __future__ import annotations
@@ -108,6 +109,25 @@ class BoundModel:
         """The epsilon prediction implied by an x0 estimate at ``(x, t)``."""
         t = as_time(t)
         return eps_from_x0(x, x0, self.process.alpha(t), self.process.sigma(t))
+
+
+#: diffusers applies ``lower_order_final`` only on grids with fewer steps than this
+LOWER_ORDER_FINAL_BELOW = 15
+
+
+def final_order_cap(state: dict[str, Any]) -> int:
+    """The largest order ``lower_order_final`` allows at the current step.
+
+    diffusers' rule: on a schedule of fewer than 15 steps, step ``i`` uses at most the
+    number of steps left (``n - i``), so the last step is first order and the one before at
+    most second order. With ``final="denoise"`` our final denoise is the step diffusers
+    takes to sigma = 0 (``final_sigmas_type="zero"``), so it counts as the last step: the
+    last grid step may then use order 2. Returns a large number when no cap applies.
+    """
+    n = int(state.get("n", 1 << 30)) + (1 if state.get("final") == "denoise" else 0)
+    if n >= LOWER_ORDER_FINAL_BELOW:
+        return 1 << 30
+    return max(1, n - int(state.get("i", 0)))
 
 
 class Solver:

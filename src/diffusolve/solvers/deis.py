@@ -24,13 +24,12 @@ import torch
 from torch import Tensor
 
 from ..process import Process
-from .base import BoundModel, Solver, coef, register
+from .base import BoundModel, Solver, coef, final_order_cap, register
 
 __all__ = ["DEIS", "lagrange_basis", "tab_coefficients", "rhoab_coefficients"]
 
 _GL_NODES = 8  # Gauss-Legendre nodes per panel
 _PANEL = 1.0  # widest panel in lambda; one step is split into ceil(|h| / _PANEL) panels
-_LOWER_ORDER_FINAL_BELOW = 15  # lower_order_final only acts on grids with fewer steps
 VARIANTS = ("t", "rho")
 
 
@@ -88,11 +87,12 @@ def rhoab_coefficients(sig: Sequence[float], sig_next: float) -> np.ndarray:
     return c
 
 
-def effective_order(order: int, n_hist: int, i: int, n: int, lower_order_final: bool) -> int:
-    """Order of step ``i`` of ``n``: limited by the history and, optionally, near the end."""
+def effective_order(order: int, n_hist: int, state: dict[str, Any], lower_order_final: bool) -> int:
+    """Order of the current step: limited by the history and, optionally, near the end
+    (:func:`~diffusolve.solvers.base.final_order_cap`)."""
     q = min(order, n_hist)
-    if lower_order_final and n < _LOWER_ORDER_FINAL_BELOW:
-        q = min(q, n - i)
+    if lower_order_final:
+        q = min(q, final_order_cap(state))
     return max(q, 1)
 
 
@@ -133,8 +133,9 @@ class DEIS(Solver):
     Options:
         order: ``k`` in 1..4.
         variant: ``"t"`` (tAB) or ``"rho"`` (rhoAB).
-        lower_order_final: on grids with fewer than 15 steps, use order 1 on the last step
-            and at most 2 on the one before (``q <= n - i``).
+        lower_order_final: diffusers' rule (:func:`~diffusolve.solvers.base.final_order_cap`):
+            on schedules of fewer than 15 steps, at most as many orders as steps are left,
+            the final denoise counting as the last step.
 
     Paper defaults: tAB3 on a time-quadratic grid is the reported best
     (``natural_grid = "time_quadratic"``); ``deis_tab1`` is DDIM.
@@ -179,9 +180,7 @@ class DEIS(Solver):
         eps = model.eps(x, t, model(x, t))
         times = [float(t)] + state["times"][: self.order - 1]
         hist = [eps] + state["eps"][: self.order - 1]
-        q = effective_order(
-            self.order, len(hist), state.get("i", 0), state.get("n", 10**9), self.lower_order_final
-        )
+        q = effective_order(self.order, len(hist), state, self.lower_order_final)
         c = self.coefficients(p, times[:q], float(t_next))
         a, a1 = float(p.alpha(t)), float(p.alpha(t_next))
         x_next = coef(a1 / a, x) * x

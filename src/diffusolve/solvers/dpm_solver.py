@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from ..process import Process
-from .base import BoundModel, Solver, coef, register
+from .base import BoundModel, Solver, coef, final_order_cap, register
 
 __all__ = ["phi", "ExpFrame", "DPMSolver", "DPMSolverMultistep"]
 
@@ -224,9 +224,8 @@ class _Multistep(_ExpSolver):
     The option ``order`` (stored as ``steps``) is the official code's order: how many past
     outputs the update combines. ``state["hist"]`` holds ``(lambda_i, m_i)`` of the last
     ``steps`` grid points (newest last). The update at step ``i`` combines
-    ``min(steps, i + 1)`` of them (warm-up); with ``lower_order_final`` and fewer than 15
-    steps, the last step uses 1 and the second-to-last ``min(steps, 2)`` (diffusers'
-    semantics). The class variable ``order`` is the global convergence order: 3 for the
+    ``min(steps, i + 1)`` of them (warm-up); with ``lower_order_final`` the order is
+    capped near the end by diffusers' rule (:func:`~diffusolve.solvers.base.final_order_cap`). The class variable ``order`` is the global convergence order: 3 for the
     3-step update with the Taylor weight (default), 2 with ``third_order="standard"``
     (see :meth:`_update`).
     """
@@ -261,14 +260,11 @@ class _Multistep(_ExpSolver):
         opts["order"] = opts.pop("steps")
         return opts
 
-    def order_at(self, i: int, n: int, n_hist: int) -> int:
-        """The order used at step ``i`` of ``n`` with ``n_hist`` stored outputs (incl. current)."""
+    def order_at(self, state: dict[str, Any], n_hist: int) -> int:
+        """The order of the current step with ``n_hist`` stored outputs (incl. current)."""
         k = min(self.steps, n_hist)
-        if self.lower_order_final and n < 15:
-            if i == n - 1:
-                k = 1
-            elif i == n - 2:
-                k = min(k, 2)
+        if self.lower_order_final:
+            k = min(k, final_order_cap(state))
         return k
 
     def step(
@@ -277,7 +273,7 @@ class _Multistep(_ExpSolver):
         m0 = self._out(model, x, t)
         lam = model.process.lam(t).to(torch.float64)
         hist = (list(state.get("hist", [])) + [(lam, m0)])[-self.steps :]
-        k = self.order_at(int(state.get("i", 0)), int(state.get("n", 1 << 30)), len(hist))
+        k = self.order_at(state, len(hist))
         x_next = self._update(model, x, t, t_next, hist, k, state)
         return x_next, {**state, "hist": hist}
 
@@ -342,8 +338,8 @@ class DPMSolverMultistep(_Multistep):
       (see :meth:`_update`).
 
     The first steps warm up with lower orders from the available history. Options:
-    ``lower_order_final`` (default False): with fewer than 15 steps, use order 1 for the
-    last step and order ``min(order, 2)`` for the one before; ``third_order``
+    ``lower_order_final`` (default False; diffusers' rule, see
+    :func:`~diffusolve.solvers.base.final_order_cap`); ``third_order``
     (``"taylor"``, default: the exact Taylor weight of ``D2``, third order,
     ``order == 3``; ``"standard"``: the official/diffusers 3M, which is globally only
     second order because its ``D2`` weight is half the Taylor one, so it declares

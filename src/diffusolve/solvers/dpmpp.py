@@ -100,8 +100,9 @@ class DPMSolverPPMultistep(_Thresholding, _Multistep):
       - alpha_t ((e^-h - 1 + h)/h^2 - 1/2) D2``.
 
     One model evaluation per step; the first steps warm up with lower orders. Options:
-    ``lower_order_final`` (with fewer than 15 steps, order 1 at the last step and
-    ``min(order, 2)`` at the second-to-last), ``thresholding`` / ``threshold_ratio`` /
+    ``lower_order_final`` (diffusers' rule, see
+    :func:`~diffusolve.solvers.base.final_order_cap`: with fewer than 15 steps, at most as
+    many orders as steps are left, the final denoise counting as the last step), ``thresholding`` / ``threshold_ratio`` /
     ``threshold_max`` (dynamic thresholding of every x0 estimate), ``third_order``:
     ``"taylor"`` (default; ``D2`` weighted by ``2 alpha_t h^3 phi_3(-h) / h^2``, the exact
     Taylor weight) or ``"standard"`` (the official code's and diffusers' 3M, reproduced

@@ -122,6 +122,7 @@ def sample(
     bound = BoundModel(model, cond, x0_transform, grid)
     state = solver.init(bound, x, grid)
     state["n"] = n_steps
+    state["final"] = final
     if solver.stochastic:
         state["noise"] = as_noise_source(noise, x.shape[0])
     bar = None

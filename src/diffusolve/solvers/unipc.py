@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .base import BoundModel, Solver, coef, register
+from .base import BoundModel, Solver, coef, final_order_cap, register
 
 __all__ = ["UniPC"]
 
@@ -110,8 +110,8 @@ class UniPC(Solver):
         variant: ``"bh1"`` or ``"bh2"``.
         predict_x0: data prediction (default, the paper's choice with guidance) or noise
             prediction (``False``).
-        lower_order_final: with fewer than 15 steps, use order 1 on the last step and at most
-            2 on the one before (stabilises few-step sampling).
+        lower_order_final: diffusers' rule (:func:`~diffusolve.solvers.base.final_order_cap`;
+            stabilises few-step sampling).
         disable_corrector: predictor only (UniP-p, global order ``p``).
         refine_start: the order-4 warm-up described above (``p = 3`` with the corrector
             only; one extra evaluation). Off by default, so that the solver matches the
@@ -258,8 +258,8 @@ class UniPC(Solver):
         if self.refine_start and i == 0:
             new["x_0"] = x
         q = min(self.predictor_order, len(hist))
-        if self.lower_order_final and n < 15:
-            q = max(1, min(q, n - i))
+        if self.lower_order_final:
+            q = max(1, min(q, final_order_cap({**state, "i": i, "n": n})))
         x_next = self._update(model, x, t, t_next, hist, lams, q, None)
         keep = 3 if self.refine_start else self.predictor_order
         new.update(hist=hist[-keep:], lams=lams[-keep:], x_prev=x, q_prev=q, k=i + 1)
