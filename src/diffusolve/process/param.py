@@ -24,10 +24,14 @@ PREDICTIONS = ("x0", "epsilon", "v", "score", "velocity")
 
 
 def _c(value: Tensor, like: Tensor) -> Tensor:
-    """A float64 coefficient (scalar or per-sample) cast and shaped to multiply ``like``."""
-    value = value.to(dtype=like.dtype, device=like.device)
-    if value.ndim == 0:
+    """A float64 coefficient (scalar or per-sample) shaped to multiply ``like``.
+
+    A 0-d coefficient is returned as it is: PyTorch's type promotion keeps the dtype of a
+    dimensioned tensor multiplied by a 0-d tensor of the same category (and a 0-d CPU
+    tensor combines with tensors on any device), so no cast is needed on the hot path."""
+    if value.ndim == 0 and not value.is_complex():
         return value
+    value = value.to(dtype=like.dtype, device=like.device)
     return value.reshape(value.shape + (1,) * (like.ndim - value.ndim))
 
 

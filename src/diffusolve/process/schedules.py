@@ -48,6 +48,14 @@ def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
     return f0 + (f1 - f0) * (x - x0) / (x1 - x0)
 
 
+def _sigmoid(z: float) -> float:
+    """Numerically stable logistic function on floats."""
+    if z >= 0:
+        return 1.0 / (1.0 + math.exp(-z))
+    e = math.exp(z)
+    return e / (1.0 + e)
+
+
 class DiscreteVP(Process):
     """A discrete DDPM schedule (``alphas_cumprod`` over N training steps) as a process.
 
@@ -82,28 +90,38 @@ class DiscreteVP(Process):
         self._lam = lam
         # for t_of_lambda we interpolate t against -lambda (increasing)
         self._neg_lam = -lam
-        self._scalar_lam: dict[float, Tensor] = {}  # memo for 0-d times (solver grids)
+        self._lam_list = lam.tolist()  # scalar fast path (solver steps call with 0-d times)
 
     @property
     def num_train_timesteps(self) -> int:
         return self.alphas_cumprod.numel()
 
+    def _lam_float(self, t: Tensor | float) -> float | None:
+        """lambda at a scalar time in plain float arithmetic (same interpolation, with linear
+        extrapolation outside the knots), or None for tensors that need the tensor path."""
+        if isinstance(t, Tensor) and (t.ndim != 0 or t.requires_grad):
+            return None
+        tf = float(t)
+        lam = self._lam_list
+        i = min(max(math.floor(tf), 0), len(lam) - 2)
+        return lam[i] + (lam[i + 1] - lam[i]) * (tf - i)
+
     def lam(self, t: Tensor | float) -> Tensor:
-        t = as_time(t)
-        if t.ndim == 0 and not t.requires_grad:
-            key = float(t)
-            hit = self._scalar_lam.get(key)
-            if hit is None:
-                if len(self._scalar_lam) > 100_000:
-                    self._scalar_lam.clear()
-                hit = self._scalar_lam[key] = _interp(t, self._knots, self._lam)
-            return hit
-        return _interp(t, self._knots, self._lam)
+        lf = self._lam_float(t)
+        if lf is not None:
+            return torch.tensor(lf, dtype=torch.float64)
+        return _interp(as_time(t), self._knots, self._lam)
 
     def alpha(self, t: Tensor | float) -> Tensor:
+        lf = self._lam_float(t)
+        if lf is not None:
+            return torch.tensor(math.sqrt(_sigmoid(2 * lf)), dtype=torch.float64)
         return torch.sqrt(torch.sigmoid(2 * self.lam(t)))
 
     def sigma(self, t: Tensor | float) -> Tensor:
+        lf = self._lam_float(t)
+        if lf is not None:
+            return torch.tensor(math.sqrt(_sigmoid(-2 * lf)), dtype=torch.float64)
         return torch.sqrt(torch.sigmoid(-2 * self.lam(t)))
 
     def t_of_lambda(self, lam: Tensor | float) -> Tensor:

@@ -66,8 +66,10 @@ def phi(k: int, z: Tensor | float) -> Tensor:
     """
     if k < 1:
         raise ValueError(f"phi_k is defined for k >= 1, got k={k}")
+    if not isinstance(z, Tensor) or z.ndim == 0:  # solver steps: plain float arithmetic
+        return torch.tensor(_phi_float(k, float(z)), dtype=torch.float64)
     z = torch.as_tensor(z, dtype=torch.float64)
-    if float(z.abs()) < _SERIES_BELOW:
+    if float(z.abs().max()) < _SERIES_BELOW:
         out = torch.zeros_like(z)
         for j in reversed(range(14)):  # Horner; the next term is below 0.05^14 / 14!
             out = out * z + 1.0 / math.factorial(j + k)
@@ -75,6 +77,22 @@ def phi(k: int, z: Tensor | float) -> Tensor:
     out = torch.expm1(z) / z
     for j in range(1, k):
         out = (out - 1.0 / math.factorial(j)) / z
+    return out
+
+
+_INV_FACTORIAL = [1.0 / math.factorial(j) for j in range(20)]
+
+
+def _phi_float(k: int, z: float) -> float:
+    """:func:`phi` on a Python float."""
+    if abs(z) < _SERIES_BELOW:
+        out = 0.0
+        for j in reversed(range(14)):
+            out = out * z + _INV_FACTORIAL[j + k]
+        return out
+    out = math.expm1(z) / z
+    for j in range(1, k):
+        out = (out - _INV_FACTORIAL[j]) / z
     return out
 
 
