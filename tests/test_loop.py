@@ -104,3 +104,19 @@ def test_stochastic_seeding_is_per_sample():
         assert torch.allclose(full[3:4], one, atol=1e-12), name
         again = sample(prior, xT, 6, name, noise=100)
         assert torch.equal(full, again), name
+
+
+def test_final_order_cap_follows_diffusers_rule():
+    from diffusolve.solvers.base import check_lower_order_final, final_order_cap
+
+    caps = lambda mode, final: [  # noqa: E731
+        final_order_cap({"i": i, "n": 5, "final": final}, mode) for i in range(5)
+    ]
+    # the final denoise is diffusers' step to sigma = 0: it counts as the last step
+    assert caps(True, "denoise") == [6, 5, 4, 3, 2]
+    assert caps(True, "none") == [5, 4, 3, 2, 1]
+    assert caps("grid", "denoise") == [5, 4, 3, 2, 1]
+    assert min(caps(False, "none")) > 100
+    assert final_order_cap({"i": 0, "n": 20, "final": "none"}) > 100  # >= 15 steps: no cap
+    with pytest.raises(ValueError, match="lower_order_final"):
+        check_lower_order_final("yes")

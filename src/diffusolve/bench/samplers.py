@@ -238,7 +238,7 @@ def our_settings(name: str, quick: bool = False) -> list[dict[str, Any]]:
         kinds = kinds[:2] + (["logsnr"] if "logsnr" not in kinds[:2] else [])
     lofs: list[bool | None] = [None]
     if "lower_order_final" in solver.options():
-        lofs = [True, False]
+        lofs = [True, "grid", False]
     out = []
     for end in ENDS:
         for k in kinds:

@@ -115,16 +115,31 @@ class BoundModel:
 LOWER_ORDER_FINAL_BELOW = 15
 
 
-def final_order_cap(state: dict[str, Any]) -> int:
-    """The largest order ``lower_order_final`` allows at the current step.
+LOWER_ORDER_FINAL = (False, True, "grid")
+
+
+def check_lower_order_final(value: bool | str) -> bool | str:
+    """Validate a ``lower_order_final`` option (``False``, ``True`` or ``"grid"``)."""
+    if value not in LOWER_ORDER_FINAL or (isinstance(value, int) and not isinstance(value, bool)):
+        raise ValueError(f"lower_order_final must be one of {LOWER_ORDER_FINAL}, got {value!r}")
+    return value
+
+
+def final_order_cap(state: dict[str, Any], mode: bool | str = True) -> int:
+    """The largest order ``lower_order_final=mode`` allows at the current step.
 
     diffusers' rule: on a schedule of fewer than 15 steps, step ``i`` uses at most the
     number of steps left (``n - i``), so the last step is first order and the one before at
-    most second order. With ``final="denoise"`` our final denoise is the step diffusers
-    takes to sigma = 0 (``final_sigmas_type="zero"``), so it counts as the last step: the
-    last grid step may then use order 2. Returns a large number when no cap applies.
+    most second order. With ``mode=True`` and ``final="denoise"`` our final denoise is the
+    step diffusers takes to sigma = 0 (``final_sigmas_type="zero"``), so it counts as the
+    last step and the last grid step may use order 2. ``mode="grid"`` counts grid steps
+    only (the last grid step is first order whatever the final policy). ``False``: no cap.
+    Returns a large number when no cap applies.
     """
-    n = int(state.get("n", 1 << 30)) + (1 if state.get("final") == "denoise" else 0)
+    if not mode:
+        return 1 << 30
+    extra = 1 if (mode is True and state.get("final") == "denoise") else 0
+    n = int(state.get("n", 1 << 30)) + extra
     if n >= LOWER_ORDER_FINAL_BELOW:
         return 1 << 30
     return max(1, n - int(state.get("i", 0)))

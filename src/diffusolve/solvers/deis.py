@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..process import Process
-from .base import BoundModel, Solver, coef, final_order_cap, register
+from .base import BoundModel, Solver, check_lower_order_final, coef, final_order_cap, register
 
 __all__ = ["DEIS", "lagrange_basis", "tab_coefficients", "rhoab_coefficients"]
 
@@ -87,12 +87,14 @@ def rhoab_coefficients(sig: Sequence[float], sig_next: float) -> np.ndarray:
     return c
 
 
-def effective_order(order: int, n_hist: int, state: dict[str, Any], lower_order_final: bool) -> int:
+def effective_order(
+    order: int, n_hist: int, state: dict[str, Any], lower_order_final: bool | str
+) -> int:
     """Order of the current step: limited by the history and, optionally, near the end
-    (:func:`~diffusolve.solvers.base.final_order_cap`)."""
+    (:func:`~diffusolve.solvers.base.final_order_cap`; ``"grid"`` counts grid steps only)."""
     q = min(order, n_hist)
     if lower_order_final:
-        q = min(q, final_order_cap(state))
+        q = min(q, final_order_cap(state, lower_order_final))
     return max(q, 1)
 
 
@@ -154,14 +156,16 @@ class DEIS(Solver):
         "Zhang & Chen, Fast Sampling of Diffusion Models with Exponential Integrator, ICLR 2023"
     )
 
-    def __init__(self, order: int = 3, variant: str = "t", lower_order_final: bool = False) -> None:
+    def __init__(
+        self, order: int = 3, variant: str = "t", lower_order_final: bool | str = False
+    ) -> None:
         if int(order) != order or not 1 <= order <= 4:
             raise ValueError(f"DEIS order must be 1, 2, 3 or 4, got {order!r}")
         if variant not in VARIANTS:
             raise ValueError(f"DEIS variant must be one of {VARIANTS}, got {variant!r}")
         self.order = int(order)  # type: ignore[misc]
         self.variant = variant
-        self.lower_order_final = bool(lower_order_final)
+        self.lower_order_final = check_lower_order_final(lower_order_final)
 
     def init(self, model: BoundModel, x: Tensor, grid: Tensor) -> dict[str, Any]:
         return {"grid": grid, "times": [], "eps": []}

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from ..process import Process
-from .base import BoundModel, Solver, coef, final_order_cap, register
+from .base import BoundModel, Solver, check_lower_order_final, coef, final_order_cap, register
 
 __all__ = ["phi", "ExpFrame", "DPMSolver", "DPMSolverMultistep"]
 
@@ -243,7 +243,7 @@ class _Multistep(_ExpSolver):
     outputs the update combines. ``state["hist"]`` holds ``(lambda_i, m_i)`` of the last
     ``steps`` grid points (newest last). The update at step ``i`` combines
     ``min(steps, i + 1)`` of them (warm-up); with ``lower_order_final`` the order is
-    capped near the end by diffusers' rule (:func:`~diffusolve.solvers.base.final_order_cap`). The class variable ``order`` is the global convergence order: 3 for the
+    capped near the end by diffusers' rule (:func:`~diffusolve.solvers.base.final_order_cap`; ``"grid"`` counts grid steps only). The class variable ``order`` is the global convergence order: 3 for the
     3-step update with the Taylor weight (default), 2 with ``third_order="standard"``
     (see :meth:`_update`).
     """
@@ -251,7 +251,7 @@ class _Multistep(_ExpSolver):
     multistep = True
 
     def __init__(
-        self, order: int = 2, lower_order_final: bool = False, third_order: str = "taylor"
+        self, order: int = 2, lower_order_final: bool | str = False, third_order: str = "taylor"
     ) -> None:
         if order not in (1, 2, 3):
             raise ValueError(f"multistep DPM-Solver has order 1, 2 or 3; got order={order}")
@@ -264,7 +264,7 @@ class _Multistep(_ExpSolver):
         # the global convergence order; the standard 3-step update is only second order
         # (see _update), so it is declared as such
         self.order = 2 if (order == 3 and third_order == "standard") else order  # type: ignore[misc]
-        self.lower_order_final = bool(lower_order_final)
+        self.lower_order_final = check_lower_order_final(lower_order_final)
         self.third_order = third_order
 
     def init(self, model: BoundModel, x: Tensor, grid: Tensor) -> dict[str, Any]:
@@ -282,7 +282,7 @@ class _Multistep(_ExpSolver):
         """The order of the current step with ``n_hist`` stored outputs (incl. current)."""
         k = min(self.steps, n_hist)
         if self.lower_order_final:
-            k = min(k, final_order_cap(state))
+            k = min(k, final_order_cap(state, self.lower_order_final))
         return k
 
     def step(

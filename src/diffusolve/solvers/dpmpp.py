@@ -101,7 +101,7 @@ class DPMSolverPPMultistep(_Thresholding, _Multistep):
 
     One model evaluation per step; the first steps warm up with lower orders. Options:
     ``lower_order_final`` (diffusers' rule, see
-    :func:`~diffusolve.solvers.base.final_order_cap`: with fewer than 15 steps, at most as
+    :func:`~diffusolve.solvers.base.final_order_cap`; ``"grid"`` counts grid steps only: with fewer than 15 steps, at most as
     many orders as steps are left, the final denoise counting as the last step), ``thresholding`` / ``threshold_ratio`` /
     ``threshold_max`` (dynamic thresholding of every x0 estimate), ``third_order``:
     ``"taylor"`` (default; ``D2`` weighted by ``2 alpha_t h^3 phi_3(-h) / h^2``, the exact
@@ -129,7 +129,7 @@ class DPMSolverPPMultistep(_Thresholding, _Multistep):
     def __init__(
         self,
         order: int = 2,
-        lower_order_final: bool = False,
+        lower_order_final: bool | str = False,
         thresholding: bool = False,
         threshold_ratio: float = 0.995,
         threshold_max: float = 1.0,
@@ -167,7 +167,7 @@ class SDEDPMSolverPP2M(DPMSolverPPMultistep):
     def __init__(
         self,
         order: int = 2,
-        lower_order_final: bool = False,
+        lower_order_final: bool | str = False,
         thresholding: bool = False,
         threshold_ratio: float = 0.995,
         threshold_max: float = 1.0,

@@ -220,5 +220,5 @@ class IPNDMV(DEIS):
     order = 4
     natural_grid = "karras"
 
-    def __init__(self, order: int = 4, lower_order_final: bool = False) -> None:
+    def __init__(self, order: int = 4, lower_order_final: bool | str = False) -> None:
         super().__init__(order=order, variant="rho", lower_order_final=lower_order_final)

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .base import BoundModel, Solver, coef, final_order_cap, register
+from .base import BoundModel, Solver, check_lower_order_final, coef, final_order_cap, register
 
 __all__ = ["UniPC"]
 
@@ -110,7 +110,7 @@ class UniPC(Solver):
         variant: ``"bh1"`` or ``"bh2"``.
         predict_x0: data prediction (default, the paper's choice with guidance) or noise
             prediction (``False``).
-        lower_order_final: diffusers' rule (:func:`~diffusolve.solvers.base.final_order_cap`;
+        lower_order_final: diffusers' rule (:func:`~diffusolve.solvers.base.final_order_cap`; ``"grid"`` counts grid steps only;
             stabilises few-step sampling).
         disable_corrector: predictor only (UniP-p, global order ``p``).
         refine_start: the order-4 warm-up described above (``p = 3`` with the corrector
@@ -145,7 +145,7 @@ class UniPC(Solver):
         predictor_order: int = 2,
         variant: str = "bh2",
         predict_x0: bool = True,
-        lower_order_final: bool = False,
+        lower_order_final: bool | str = False,
         disable_corrector: bool = False,
         refine_start: bool = False,
     ) -> None:
@@ -161,7 +161,7 @@ class UniPC(Solver):
         self.predictor_order = int(predictor_order)
         self.variant = variant
         self.predict_x0 = bool(predict_x0)
-        self.lower_order_final = bool(lower_order_final)
+        self.lower_order_final = check_lower_order_final(lower_order_final)
         self.disable_corrector = bool(disable_corrector)
         self.refine_start = bool(refine_start)
         self.order = self.predictor_order + (0 if self.disable_corrector else 1)  # type: ignore[misc]
@@ -259,7 +259,7 @@ class UniPC(Solver):
             new["x_0"] = x
         q = min(self.predictor_order, len(hist))
         if self.lower_order_final:
-            q = max(1, min(q, final_order_cap({**state, "i": i, "n": n})))
+            q = max(1, min(q, final_order_cap({**state, "i": i, "n": n}, self.lower_order_final)))
         x_next = self._update(model, x, t, t_next, hist, lams, q, None)
         keep = 3 if self.refine_start else self.predictor_order
         new.update(hist=hist[-keep:], lams=lams[-keep:], x_prev=x, q_prev=q, k=i + 1)
