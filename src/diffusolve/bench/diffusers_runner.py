@@ -91,31 +91,21 @@ SPECS: tuple[SchedulerSpec, ...] = (
         {"timestep_spacing": _SPACING},
         linspace_caveat=True,
     ),
-    SchedulerSpec(
-        "DPM-Solver++ 2M",
-        "DPMSolverMultistepScheduler",
-        {"solver_order": 2, "algorithm_type": "dpmsolver++"},
-        {
-            "timestep_spacing": _SPACING,
-            "sigmas": ("default", "karras", "lu"),
-            "lower_order_final": _LOF,
-            "final_sigmas_type": _FINAL,
-        },
-        flow="flag",
-        flow_options={"lower_order_final": _LOF, "final_sigmas_type": _FINAL},
-    ),
-    SchedulerSpec(
-        "DPM-Solver++ 3M",
-        "DPMSolverMultistepScheduler",
-        {"solver_order": 3, "algorithm_type": "dpmsolver++"},
-        {
-            "timestep_spacing": _SPACING,
-            "sigmas": ("default", "karras", "lu"),
-            "lower_order_final": _LOF,
-            "final_sigmas_type": _FINAL,
-        },
-        flow="flag",
-        flow_options={"lower_order_final": _LOF, "final_sigmas_type": _FINAL},
+    *(
+        SchedulerSpec(
+            f"DPM-Solver++ {order}M",
+            "DPMSolverMultistepScheduler",
+            {"solver_order": order, "algorithm_type": "dpmsolver++"},
+            {
+                "timestep_spacing": _SPACING,
+                "sigmas": ("default", "karras", "lu"),
+                "lower_order_final": _LOF,
+                "final_sigmas_type": _FINAL,
+            },
+            flow="flag",
+            flow_options={"lower_order_final": _LOF, "final_sigmas_type": _FINAL},
+        )
+        for order in (2, 3)
     ),
     SchedulerSpec(
         "UniPC",

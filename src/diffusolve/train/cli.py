@@ -21,32 +21,30 @@ def _check_out(out: str, files: tuple[str, ...], force: bool) -> None:
         )
 
 
-def _digits(args: argparse.Namespace) -> int:
-    from .digits import DigitsConfig, train_digits
-
-    _check_out(args.out, ("unet", "scheduler", "train_info.json"), args.force)
-    cfg = DigitsConfig(seed=args.seed)
+def _run(args: argparse.Namespace, config_cls: Any, train: Any, outputs: tuple[str, ...]) -> int:
+    """Shared body of the train sub-commands: guard the output, apply overrides, train."""
+    _check_out(args.out, outputs, args.force)
+    cfg = config_cls(seed=args.seed)
     if args.steps is not None:
         cfg.steps = args.steps
     if args.batch_size is not None:
         cfg.batch_size = args.batch_size
-    info = train_digits(cfg, args.out, progress=not args.quiet)
+    info = train(cfg, args.out, progress=not args.quiet)
     print(json.dumps({k: v for k, v in info.items() if k != "config"}, indent=2))
     return 0
+
+
+def _digits(args: argparse.Namespace) -> int:
+    from .digits import DigitsConfig, train_digits
+
+    return _run(args, DigitsConfig, train_digits, ("unet", "scheduler", "train_info.json"))
 
 
 def _classifier(args: argparse.Namespace) -> int:
     from .classifier import ClassifierConfig, train_classifier
 
-    _check_out(args.out, ("classifier.safetensors", "classifier_config.json"), args.force)
-    cfg = ClassifierConfig(seed=args.seed)
-    if args.steps is not None:
-        cfg.steps = args.steps
-    if args.batch_size is not None:
-        cfg.batch_size = args.batch_size
-    info = train_classifier(cfg, args.out, progress=not args.quiet)
-    print(json.dumps({k: v for k, v in info.items() if k != "config"}, indent=2))
-    return 0
+    outputs = ("classifier.safetensors", "classifier_config.json")
+    return _run(args, ClassifierConfig, train_classifier, outputs)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
