@@ -45,6 +45,30 @@ DDPM_LINEAR = {
     "beta_schedule": "linear",
 }
 
+#: diffusers' beta configuration of each DDPM process of the bench (by process name)
+BETAS: dict[str, dict[str, Any]] = {
+    "ddpm-linear": DDPM_LINEAR,
+    "ddpm-scaled_linear": {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+    },
+}
+
+
+def betas_config(process_name: str | None) -> dict[str, Any]:
+    """Diffusers' beta configuration for a process name (DDPM-linear for non-DDPM ones)."""
+    if process_name is None or not process_name.startswith("ddpm"):
+        return DDPM_LINEAR
+    try:
+        return BETAS[process_name]
+    except KeyError:
+        raise ValueError(
+            f"no diffusers beta configuration for process {process_name!r}; add it to BETAS"
+        ) from None
+
+
 LEADING_NOTE = "timestep_spacing='leading' excluded (its first timestep lies below t_max)"
 
 
@@ -220,10 +244,12 @@ def settings_for(spec: SchedulerSpec, kind: str, quick: bool = False) -> list[di
     return [dict(zip(keys, vals, strict=True)) for vals in itertools.product(*opts.values())]
 
 
-def _config(spec: SchedulerSpec, setting: dict[str, Any], kind: str) -> dict[str, Any]:
+def _config(
+    spec: SchedulerSpec, setting: dict[str, Any], kind: str, betas: dict[str, Any] | None = None
+) -> dict[str, Any]:
     cfg = dict(spec.base)
     if spec.flow != "native":
-        cfg.update(DDPM_LINEAR)
+        cfg.update(DDPM_LINEAR if betas is None else betas)
         cfg["prediction_type"] = "epsilon"
     if kind == "rf" and spec.flow == "flag":
         cfg.update(use_flow_sigmas=True, flow_shift=1.0, prediction_type="flow_prediction")
@@ -303,6 +329,7 @@ def run_scheduler(
     kind: str,
     *,
     dtype: torch.dtype = torch.float64,
+    betas: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Sample with one diffusers scheduler setting; returns ``x`` and bookkeeping.
 
@@ -313,6 +340,8 @@ def run_scheduler(
         nfe: the evaluation budget.
         kind: ``"vp"`` (DDPM process) or ``"rf"`` (rectified flow).
         dtype: the sample dtype the scheduler runs in.
+        betas: diffusers' beta configuration of the process (default :data:`DDPM_LINEAR`;
+            see :func:`betas_config`).
 
     Returns:
         ``dict(x, nfe_used, steps, notes)``; raises ``ValueError`` when the setting does not
@@ -320,7 +349,7 @@ def run_scheduler(
     """
     process = model.process
     flow = kind == "rf"
-    cfg = _config(spec, setting, kind)
+    cfg = _config(spec, setting, kind, betas)
     sched = _build(spec, cfg, process)
     custom = (process.t_max, process.t_min) if flow and spec.flow_sigmas_arg else None
     steps = _steps_within(sched, nfe, custom)

@@ -111,6 +111,13 @@ def run_overhead(
     force_profile: bool = False,
 ) -> dict[str, Any]:
     """Median per-step wall time of ``diffusolve.sample`` vs a diffusers ``step()`` loop."""
+    if int(steps) < 1 or int(repeats) < 1:
+        raise ValueError(
+            f"steps and repeats must be positive integers, got steps={steps}, repeats={repeats}"
+        )
+    unknown = [m for m in methods if m not in PAIRS]
+    if unknown:
+        raise ValueError(f"no diffusers pair for {unknown}; choose from {list(PAIRS)}")
     import diffusers
 
     process = ddpm("linear")

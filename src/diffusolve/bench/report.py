@@ -6,9 +6,22 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["summarize", "markdown_tables", "summary_table", "plot_errors", "fmt"]
+__all__ = ["summarize", "markdown_tables", "summary_table", "plot_errors", "fmt", "family"]
 
 LIBRARIES = ("diffusolve", "diffusers")
+#: mark of a diverged result (output far larger than the reference: a blow-up)
+DIVERGED_MARK = "†"
+#: plot panels: (title, name prefixes, lower-cased) -- both libraries' methods of a family
+FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        "DDIM / Euler / Heun (first and second order, one step)",
+        ("ddim", "euler", "heun", "flowmatch"),
+    ),
+    ("DPM-Solver / DPM-Solver++", ("dpm",)),
+    ("UniPC", ("unipc",)),
+    ("DEIS", ("deis",)),
+    ("pseudo linear multistep (PNDM, PLMS, iPNDM)", ("pndm", "plms", "ipndm")),
+)
 
 
 def fmt(v: float | None, digits: int = 2) -> str:
@@ -17,12 +30,14 @@ def fmt(v: float | None, digits: int = 2) -> str:
 
 
 def _best(records: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
-    ok = [r for r in records if r.get("rel_error") is not None]
+    ok = [r for r in records if r.get("rel_error") is not None and not r.get("diverged")]
     return min(ok, key=lambda r: r["rel_error"]) if ok else None
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per task and NFE: our best rel_error, diffusers' best, and ``ratio = ours / diffusers``.
+
+    Diverged results (``diverged`` true) are never a library's best.
 
     Example:
         >>> recs = [dict(library="diffusolve", method="a", task="t", nfe=5, rel_error=0.1),
@@ -57,7 +72,8 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def markdown_tables(result: dict[str, Any]) -> str:
-    """One Markdown table per task: rows = methods, columns = NFE; best per library in bold."""
+    """One Markdown table per task: rows = methods, columns = NFE; best per library in bold;
+    diverged results marked with :data:`DIVERGED_MARK` (and explained under the table)."""
     records = result["records"]
     lines: list[str] = []
     for task, info in result["tasks"].items():
@@ -92,8 +108,16 @@ def markdown_tables(result: dict[str, Any]) -> str:
                     c = fmt(v)
                     if r is not None and best[(lib, n)] is r:
                         c = f"**{c}**"
+                    if r is not None and r.get("diverged"):
+                        c = f"{c} {DIVERGED_MARK}"
                     cells.append(c)
                 lines.append(f"| {lib} | {method} | " + " | ".join(cells) + " |")
+        if any(r.get("diverged") for r in recs):
+            lines.append("")
+            lines.append(
+                f"{DIVERGED_MARK} diverged: the output's RMS is far above the reference's (or not "
+                "finite), a blow-up rather than an accuracy; never counted as a best."
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -113,8 +137,23 @@ def summary_table(summary: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def family(method: str) -> str:
+    """The plot panel (:data:`FAMILIES`) of a method of either library, by name prefix."""
+    m = method.lower().replace(" ", "").replace("-", "")
+    for title, prefixes in FAMILIES:
+        if m.startswith(prefixes):
+            return title
+    return "other"
+
+
 def plot_errors(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
-    """One error-vs-NFE PNG per task (log-log); our solvers solid, diffusers dashed."""
+    """One error-vs-NFE PNG per task (log-log), one panel per solver family.
+
+    In a panel each method has its own colour and marker; our solvers are solid lines,
+    diffusers' dashed, and the best result per library and NFE over all families is drawn
+    in every panel (thin grey: solid ours, dashed diffusers) as a common yardstick.
+    Diverged results are left out of the lines and shown as crosses at the clip value.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,33 +161,79 @@ def plot_errors(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    clip = 3.0  # errors above ~1 are divergence
+    markers = "osD^v<>pP*Xh"
     paths = []
     for task in result["tasks"]:
         recs = [r for r in result["records"] if r["task"] == task]
-        fig, ax = plt.subplots(figsize=(11, 6))
         nfes = sorted({r["nfe"] for r in recs})
-        for lib, style in (("diffusolve", "-"), ("diffusers", "--")):
-            for method in dict.fromkeys(r["method"] for r in recs if r["library"] == lib):
+        methods = list(
+            dict.fromkeys(
+                (r["library"], r["method"]) for r in recs if r.get("rel_error") is not None
+            )
+        )
+        panels = [t for t, _ in FAMILIES if any(family(m) == t for _, m in methods)]
+        if any(family(m) == "other" for _, m in methods):
+            panels.append("other")
+        if not panels:
+            panels = ["(no results)"]
+        ncol = min(3, len(panels))
+        nrow = -(-len(panels) // ncol)
+        fig, axes = plt.subplots(
+            nrow, ncol, figsize=(5.2 * ncol, 4.0 * nrow), squeeze=False, sharex=True, sharey=True
+        )
+        envelope = {
+            lib: sorted(
+                (n, b["rel_error"])
+                for n in nfes
+                if (b := _best(r for r in recs if r["library"] == lib and r["nfe"] == n))
+            )
+            for lib in LIBRARIES
+        }
+        for ax, title in zip(axes.flat, panels, strict=False):
+            for lib, style in (("diffusolve", "-"), ("diffusers", "--")):
+                if envelope[lib]:
+                    xs, ys = zip(*envelope[lib], strict=True)
+                    ax.loglog(xs, ys, style, color="0.75", lw=3, zorder=1)
+            mine = [(lib, m) for lib, m in methods if family(m) == title]
+            colours = plt.cm.tab10.colors if len(mine) <= 10 else plt.cm.tab20.colors
+            for i, (lib, method) in enumerate(mine):
+                rows = [r for r in recs if r["library"] == lib and r["method"] == method]
                 pts = sorted(
                     (r["nfe"], r["rel_error"])
-                    for r in recs
-                    if r["library"] == lib and r["method"] == method and r["rel_error"] is not None
+                    for r in rows
+                    if r["rel_error"] is not None and not r.get("diverged")
                 )
+                style = "-" if lib == "diffusolve" else "--"
+                kw = dict(color=colours[i % len(colours)], marker=markers[i % len(markers)])
                 if pts:
                     xs, ys = zip(*pts, strict=True)
-                    ax.loglog(xs, ys, style, marker="o", ms=3, lw=1, label=f"{method} ({lib})")
-        ax.set_xticks(nfes, [str(n) for n in nfes])
-        ax.minorticks_off()
-        lo, _ = ax.get_ylim()
-        ax.set_ylim(lo, min(ax.get_ylim()[1], 3.0))  # errors above ~1 are divergence
-        ax.set_xlabel("NFE")
-        ax.set_ylabel("mean relative error to the exact reference (clipped at 3)")
-        ax.set_title(f"{task}: solid = diffusolve, dashed = diffusers")
-        ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+                    ax.loglog(xs, ys, style, ms=4, lw=1.2, label=f"{method} ({lib})", **kw)
+                bad = [r["nfe"] for r in rows if r.get("diverged")]
+                if bad:
+                    ax.loglog(bad, [clip] * len(bad), "x", ms=7, color=kw["color"])
+            ax.set_title(title, fontsize=9)
+            ax.grid(True, which="major", alpha=0.3)
+            if ax.get_legend_handles_labels()[1]:
+                ax.legend(fontsize=6, loc="lower left")
+        for ax in list(axes.flat)[len(panels) :]:
+            ax.axis("off")
+        for ax in axes.flat:
+            ax.set_xticks(nfes, [str(n) for n in nfes])
+            ax.minorticks_off()
+        ax0 = axes.flat[0]
+        lo, _ = ax0.get_ylim()
+        ax0.set_ylim(lo, min(ax0.get_ylim()[1], clip * 1.2))
+        fig.supxlabel("NFE")
+        fig.supylabel("mean relative error to the exact reference")
+        fig.suptitle(
+            f"{task}: solid = diffusolve, dashed = diffusers; grey = best per library; "
+            f"x = diverged (clipped at {clip:g})",
+            fontsize=10,
+        )
         fig.tight_layout()
         path = out / f"samplers_{task}.png"
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
     return paths

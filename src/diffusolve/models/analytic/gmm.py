@@ -8,7 +8,10 @@ Under ``x_t = alpha x0 + sigma eps``, with ``x~ = x / alpha``, ``s = sigma / alp
 * denoiser ``D = sum_k r_k (mu_k + U_k diag(l_k / (l_k + s^2)) U_k^T (x~ - mu_k))``;
 * score ``grad log p_t(x) = -(1/alpha) sum_k r_k U_k diag(1 / (l_k + s^2)) U_k^T (x~ - mu_k)``;
 * the probability-flow ODE has no closed form: :meth:`GaussianMixture.ode_solve` solves it
-  to tight tolerance in float64 (:func:`~diffusolve.models.analytic.reference.pf_ode_solve`).
+  to tight tolerance in float64 (:func:`~diffusolve.models.analytic.reference.pf_ode_solve`);
+  :meth:`GaussianMixture.reference_zero` solves it down to ``s = 0`` through
+  ``(x~ - D) / s^2 = sum_k r_k U_k diag(1 / (l_k + s^2)) U_k^T (x~ - mu_k)``
+  (:meth:`GaussianMixture.pf_drift_v`, finite at ``s = 0`` since every ``l_k > 0``).
 
 Components whose responsibility for a sample is provably negligible (below ``exp(-60)``,
 from cheap bounds on the Mahalanobis distance) are skipped for that sample, so at low noise,
@@ -220,6 +223,29 @@ class GaussianMixture(Denoiser, ODEReference):
             return torch.logsumexp(logj, dim=-1) - c - self.dim * torch.log(a[:, 0])
 
         return self._apply(fn, x, t)
+
+    def pf_drift_v(self, xt: Tensor, v: Tensor) -> Tensor:
+        """``(x~ - D(x~, s)) / s^2 = -grad log p_v(x~)`` at noise variance ``v = s^2 >= 0``.
+
+        Process independent (``x~ = x / alpha``): ``[B, d]`` flat float64 states, ``[B]``
+        variances (``v = 0``: the data density itself). Computed without the cancellation of
+        ``x~ - D`` (see :func:`~diffusolve.models.analytic.reference.pf_ode_solve_to_zero`).
+        """
+        xt = xt.reshape(xt.shape[0], -1).to(torch.float64)
+        v = torch.as_tensor(v, dtype=torch.float64).reshape(-1)
+        if v.numel() == 1:
+            v = v.expand(xt.shape[0])
+        step = self._rows()
+        outs = []
+        for i in range(0, xt.shape[0], step):
+            logj, terms = self._terms(xt[i : i + step], v[i : i + step, None])
+            outs.append(self._combine(torch.softmax(logj, dim=-1), terms, None))
+        return torch.cat(outs)
+
+    @property
+    def pf_v_scale(self) -> float:
+        """The smallest component eigenvalue: the variance scale of the ODE near ``s = 0``."""
+        return float(self.evals.min())
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``n`` exact data samples (float64)."""
