@@ -10,7 +10,7 @@ from scipy.integrate import quad
 from diffusolve import sample
 from diffusolve.models import Gaussian
 from diffusolve.process import PROCESSES, get_process, make_grid, vp_linear
-from diffusolve.solvers import BoundModel, get_solver
+from diffusolve.solvers import BoundModel, StepContext, get_solver
 from diffusolve.solvers.deis import lagrange_basis, rhoab_coefficients, tab_coefficients
 from diffusolve.solvers.pndm import AB_COEFFICIENTS
 
@@ -188,8 +188,8 @@ def test_pseudo_runge_kutta_step_has_local_order_3():
         errs = []
         for h in hs:
             solver, model = get_solver(name), BoundModel(prior)
-            state = solver.init(model, x, torch.stack([t, t - h]))
-            out, _ = solver.step(model, x, t, t - h, state)
+            state = solver.init(model, x)
+            out, _ = solver.step(model, x, t, t - h, state, StepContext(0, 1, "none"))
             ref = prior.ode_solution(x, t, t - h)
             errs.append(float((out - ref).norm(dim=1).mean()))
         slopes[name] = -_slope(hs, errs)

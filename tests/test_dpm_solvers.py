@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from diffusolve import sample
-from diffusolve.models import Gaussian
+from diffusolve.models import DynamicThresholding, Gaussian
+from diffusolve.models.transforms import MapX0
 from diffusolve.process import PROCESSES, get_process, make_grid, vp_linear
-from diffusolve.solvers import REGISTRY, get_solver
-from diffusolve.solvers.base import BoundModel
-from diffusolve.solvers.dpm_solver import phi
+from diffusolve.solvers import REGISTRY, get_solver, list_solvers
+from diffusolve.solvers.base import BoundModel, StepContext
+from diffusolve.solvers.expint import ExpStep, phi
+from diffusolve.solvers.multistep import History, Record
 
 F64 = torch.float64
 NAMES = {
@@ -61,7 +63,7 @@ def _slope(name, steps, kind="logsnr", **opts):
 
 
 def test_registered_names():
-    mods = {"diffusolve.solvers.dpm_solver", "diffusolve.solvers.dpmpp"}
+    mods = {"diffusolve.solvers.dpm_solver", "diffusolve.solvers.dpm_multistep"}
     get_solver("ddim")  # fills the registry
     mine = {n for n, (cls, _) in REGISTRY.items() if cls.__module__ in mods}
     assert mine == NAMES
@@ -75,9 +77,9 @@ def test_registered_names():
     # declared global orders: the standard 3-step multistep update is second order;
     # the default (Taylor weight) is third order
     for name in ("dpm_solver_3m", "dpmpp_3m"):
-        assert (get_solver(name).steps, get_solver(name).order) == (3, 3)
+        assert (get_solver(name).solver_order, get_solver(name).order) == (3, 3)
         assert get_solver(name, third_order="standard").order == 2
-        assert get_solver(name).options()["order"] == 3
+        assert get_solver(name).options()["solver_order"] == 3
 
 
 def test_phi_series_matches_closed_form():
@@ -115,8 +117,12 @@ def _local_error(name, h, third_order):
     ts = [p.t_of_lambda(torch.tensor(lam_mid + k * h, dtype=F64)) for k in (-2, -1, 0, 1)]
     xT = _xT(prior)
     xs = [prior.ode_solution(xT, p.t_max, t) for t in ts]
-    hist = [(p.lam(t), s._out(bm, x, t)) for t, x in zip(ts[:3], xs[:3], strict=True)]
-    x = s._update(bm, xs[2], ts[2], ts[3], hist, 3, {})
+    hist = History(
+        Record(float(t), bm.scalars(t)[2], bm.output(x, t, s.prediction))
+        for t, x in zip(ts[:3], xs[:3], strict=True)
+    )
+    f = ExpStep(bm.scalars(ts[2]), bm.scalars(ts[3]), s.prediction)
+    x = s._update(xs[2], f, hist, 3)
     return float((x - xs[3]).norm(dim=1).mean())
 
 
@@ -175,18 +181,17 @@ def test_first_multistep_step_is_ddim(name):
     p = prior.process
     xT = _xT(prior)
     t, t1 = torch.tensor(0.8, dtype=F64), torch.tensor(0.5, dtype=F64)
+    ctx = StepContext(0, 1, "none", lambda shape, dtype, device: torch.zeros(shape, dtype=dtype))
     ddim = get_solver("ddim")
-    ref, _ = ddim.step(BoundModel(prior), xT, t, t1, {})
+    ref, _ = ddim.step(BoundModel(prior), xT, t, t1, None, ctx)
     solver = get_solver(name)
-    state = solver.init(BoundModel(prior), xT, torch.stack([t, t1]))
-    state.update(i=0, n=1)
+    state = solver.init(BoundModel(prior), xT)
     if solver.stochastic:
-        state["noise"] = lambda shape, dtype, device: torch.zeros(shape, dtype=dtype)
         # with zero noise the SDE step is DDIM with eta = 1 (posterior mean)
-        ref, _ = get_solver("ddpm").step(BoundModel(prior), xT, t, t1, dict(state))
-    x, state = solver.step(BoundModel(prior), xT, t, t1, state)
+        ref, _ = get_solver("ddpm").step(BoundModel(prior), xT, t, t1, None, ctx)
+    x, state = solver.step(BoundModel(prior), xT, t, t1, state, ctx)
     assert float((x - ref).abs().max()) < 1e-12
-    assert len(state["hist"]) == 1 and p.lam(t) == state["hist"][0][0]
+    assert len(state.hist) == 1 and abs(float(p.lam(t)) - state.hist[0].lam) < 1e-15
 
 
 def test_sde_per_sample_seeds_independent_of_batch():
@@ -231,30 +236,19 @@ def test_sde_matches_marginal_moments():
     assert torch.all((emp_c - c1).abs() < 5 * se_c), (emp_c, c1)
 
 
-def _record_x0(solver):
-    """Make ``solver`` record every (corrected) x0 estimate it uses; return the list."""
-    seen = []
-    orig = solver._correct
-
-    def rec(x0):
-        out = orig(x0)
-        seen.append(out)
-        return out
-
-    solver._correct = rec
-    return seen
-
-
-def test_thresholding_keeps_x0_in_range():
+def test_thresholding_wrapper_keeps_x0_in_range_for_every_solver():
+    """Dynamic thresholding is one denoiser wrapper: every solver sees the thresholded
+    estimate (the estimates of this prior lie far outside [-1, 1] without it)."""
     mean = torch.tensor([3.0, -2.5, 0.0], dtype=F64)
     prior = Gaussian(mean, torch.eye(3, dtype=F64), process=vp_linear())
     xT = _xT(prior, n=16)
     grid = make_grid(prior.process, 8, "logsnr")
-    for name in ("dpmpp_2m", "dpmpp_3m", "dpmpp_2s", "sde_dpmpp_2m"):
+    for name in list_solvers():
         for thr in (False, True):
-            solver = get_solver(name, thresholding=thr)
-            seen = _record_x0(solver)
-            sample(prior, xT, grid, solver, final="none", noise=0)
+            seen = []
+            model = DynamicThresholding(prior) if thr else prior
+            model = MapX0(model, lambda x0, seen=seen: seen.append(x0) or x0)
+            sample(model, xT, grid, name, final="none", noise=0)
             top = max(float(v.abs().max()) for v in seen)
             assert (top <= 1.0) if thr else (top > 2.0), (name, thr, top)
 
@@ -280,7 +274,7 @@ def test_lower_order_final_changes_only_last_steps(name):
 
     n = 10
     a, b = trajectory(n, False), trajectory(n, True)
-    changed = 2 if get_solver(name).steps == 3 else 1
+    changed = 2 if get_solver(name).solver_order == 3 else 1
     for i in range(n):
         same = torch.equal(a[i], b[i])
         assert same == (i < n - changed), (i, same)
@@ -317,14 +311,14 @@ def test_every_process_finite_and_converging(process):
 
 def test_bad_options():
     with pytest.raises(ValueError):
-        get_solver("dpmpp_2m", order=4)
+        get_solver("dpmpp_2m", solver_order=4)
     with pytest.raises(ValueError):
         get_solver("dpmpp_2m", third_order="nope")
-    with pytest.raises(ValueError):
-        get_solver("dpmpp_2m", threshold_ratio=1.5)
+    with pytest.raises(TypeError, match="DynamicThresholding|options"):
+        get_solver("dpmpp_2m", threshold_ratio=0.9)  # thresholding is a model wrapper
     with pytest.raises(ValueError):
         get_solver("dpm_solver_3s", r1=0.8, r2=0.5)
     with pytest.raises(ValueError):
-        get_solver("sde_dpmpp_2m", order=3)
-    with pytest.raises(TypeError):
-        get_solver("dpm_solver_2m", thresholding=True)  # noise prediction: no thresholding
+        get_solver("sde_dpmpp_2m", solver_order=3)
+    with pytest.raises(ValueError):
+        get_solver("sde_dpmpp_2m", prediction="noise")

@@ -69,7 +69,7 @@ def test_errors_are_clear():
     with pytest.raises(ValueError, match="strictly decreasing"):
         sample(prior, torch.randn(2, 2), torch.tensor([0.5, 0.8, 0.1], dtype=torch.float64), "ddim")
     with pytest.raises(ValueError, match="final"):
-        sample(prior, torch.randn(2, 2), 4, "ddim", final="zero")
+        sample(prior, torch.randn(2, 2), 4, "ddim", final="clean")
 
     def bad(x, t):
         return torch.full_like(x, float("nan"))
@@ -107,16 +107,18 @@ def test_stochastic_seeding_is_per_sample():
 
 
 def test_final_order_cap_follows_diffusers_rule():
-    from diffusolve.solvers.base import check_lower_order_final, final_order_cap
+    from diffusolve.solvers.base import StepContext
+    from diffusolve.solvers.multistep import check_lower_order_final, final_order_cap
 
     caps = lambda mode, final: [  # noqa: E731
-        final_order_cap({"i": i, "n": 5, "final": final}, mode) for i in range(5)
+        final_order_cap(StepContext(i, 5, final), mode) for i in range(5)
     ]
     # the final denoise is diffusers' step to sigma = 0: it counts as the last step
     assert caps(True, "denoise") == [6, 5, 4, 3, 2]
     assert caps(True, "none") == [5, 4, 3, 2, 1]
     assert caps("grid", "denoise") == [5, 4, 3, 2, 1]
     assert min(caps(False, "none")) > 100
-    assert final_order_cap({"i": 0, "n": 20, "final": "none"}) > 100  # >= 15 steps: no cap
+    assert caps(True, "zero") == caps(True, "denoise")  # the endpoint also evaluates once more
+    assert final_order_cap(StepContext(0, 20, "none")) > 100  # >= 15 steps: no cap
     with pytest.raises(ValueError, match="lower_order_final"):
         check_lower_order_final("yes")

@@ -1,88 +1,95 @@
-"""Solver base class, registry and the model wrapper every solver calls.
+"""The solver contract, the step context, the model view every solver calls, and the registry.
 
-A solver is a small object with ``init(model, x, grid) -> state`` and
-``step(model, x, t, t_next, state) -> (x_next, state)``. ``model`` is a
-:class:`BoundModel`: ``model(x, t) -> x0_hat`` with the condition bound, evaluations
-counted and outputs checked; ``model.process`` gives ``alpha``, ``sigma`` and ``lambda``.
-Multistep history lives in ``state`` (a dict); the loop sets ``state["i"]`` (the index of
-the current step), ``state["n"]`` (the number of steps) and ``state["final"]`` (the final
-policy) before each step.
+A solver is an immutable object (a frozen dataclass) whose fields are exactly its options:
+``repr``, ``options()``, ``dataclasses.replace`` and ``type(s)(**s.options()) == s`` hold for
+every registered name. Its capabilities (``order``, ``evals_per_step``, ``stochastic``,
+``multistep``, ``natural_grid``, ``prediction``, the options worth searching) are declared
+on the class, or computed from the fields by a property, never written per instance.
+
+The contract::
+
+    state = solver.init(model, x)                          # the solver's own typed state
+    x_next, state = solver.step(model, x, t, t_next, state, ctx)
+
+``model`` is a :class:`BoundModel` (``model(x, t) -> x0`` with the condition bound,
+evaluations counted, outputs checked; ``model.scalars(t)`` gives ``alpha``, ``sigma``,
+``lambda`` as Python floats). ``ctx`` is a :class:`StepContext`: what the loop knows (step
+index, number of steps, final policy, noise source). A step never reads the grid and never
+mutates its input state, so the same step runs on a reversed grid (inversion) or on a
+searched per-step schedule.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
 
 from ..process import Process, as_time
-from ..process.param import coef, eps_from_x0
 
 __all__ = [
     "Solver",
+    "StepContext",
     "BoundModel",
-    "GridProcess",
     "REGISTRY",
+    "ALIASES",
     "register",
     "get_solver",
     "list_solvers",
-    "coef",
+    "resolve_name",
 ]
 
 
-class GridProcess:
-    """A process view that serves ``alpha``, ``sigma``, ``lam`` at the grid times from a table.
+class StepContext(NamedTuple):
+    """What the loop knows at a step; passed to every :meth:`Solver.step`.
 
-    The loop evaluates these once per grid (vectorised) instead of once per use; any other
-    time falls through to the wrapped process. Everything else is delegated.
+    Attributes:
+        i: the index of the step (``0 .. n - 1``).
+        n: the number of grid steps of the solve.
+        final: the final policy of the solve (``"denoise"``, ``"zero"`` or ``"none"``).
+        noise: the noise source of a stochastic solve (``None`` for a deterministic one).
     """
 
-    def __init__(self, process: Process, grid: Tensor | None) -> None:
-        self._p = process
-        self._table: dict[float, tuple[Tensor, Tensor, Tensor]] = {}
-        if grid is not None:
-            a, s, lam = process.alpha(grid), process.sigma(grid), process.lam(grid)
-            for i, t in enumerate(grid.tolist()):
-                self._table[t] = (a[i], s[i], lam[i])
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._p, name)
-
-    def _get(self, t: Tensor | float, k: int, fn: Any) -> Tensor:
-        if isinstance(t, Tensor) and t.ndim == 0 or isinstance(t, float):
-            hit = self._table.get(float(t))
-            if hit is not None:
-                return hit[k]
-        return fn(t)
-
-    def alpha(self, t: Tensor | float) -> Tensor:
-        return self._get(t, 0, self._p.alpha)
-
-    def sigma(self, t: Tensor | float) -> Tensor:
-        return self._get(t, 1, self._p.sigma)
-
-    def lam(self, t: Tensor | float) -> Tensor:
-        return self._get(t, 2, self._p.lam)
-
-    def sigma_tilde(self, t: Tensor | float) -> Tensor:
-        return torch.exp(-self.lam(t))
+    i: int = 0
+    n: int = 1
+    final: str = "none"
+    noise: Any = None
 
 
 class BoundModel:
     """``model(x, t) -> x0`` with ``cond`` bound, NFE counting and output checks.
 
-    ``model.process`` is a :class:`GridProcess` over the grid being solved.
+    ``scalars(t)`` returns ``(alpha, sigma, lambda)`` at ``t`` as Python floats (float64
+    arithmetic), from a table built once per grid: a solve's coefficients depend only on the
+    grid, so the process is evaluated once per grid time, not once per use.
+    ``process`` is the model's process (for ``t_of_lambda`` and other inverses).
     """
 
-    def __init__(
-        self, model: Any, cond: Any = None, x0_transform: Any = None, grid: Tensor | None = None
-    ) -> None:
+    def __init__(self, model: Any, cond: Any = None, grid: Tensor | None = None) -> None:
         self.model = model
-        self.process: Process = GridProcess(model.process, grid)  # type: ignore[assignment]
+        self.process: Process = model.process
         self.cond = cond
         self.nfe = 0
-        self.x0_transform = x0_transform
+        self._table: dict[float, tuple[float, float, float]] = {}
+        if grid is not None:
+            p = self.process
+            a, s, lam = p.alpha(grid).tolist(), p.sigma(grid).tolist(), p.lam(grid).tolist()
+            for i, t in enumerate(grid.tolist()):
+                self._table[t] = (a[i], s[i], lam[i])
+
+    def scalars(self, t: Tensor | float) -> tuple[float, float, float]:
+        """``(alpha(t), sigma(t), lambda(t))`` as floats (cached per time)."""
+        key = float(t)
+        hit = self._table.get(key)
+        if hit is None:
+            p = self.process
+            hit = (float(p.alpha(key)), float(p.sigma(key)), float(p.lam(key)))
+            self._table[key] = hit
+        return hit
 
     def __call__(self, x: Tensor, t: Tensor | float) -> Tensor:
         t = as_time(t)
@@ -93,7 +100,7 @@ class BoundModel:
                 f"the model returned shape {tuple(out.shape)} for an input of shape "
                 f"{tuple(x.shape)}; check the data shape you sample."
             )
-        if not torch.all(torch.isfinite(out)):
+        if not torch.isfinite(out).all():
             raise FloatingPointError(
                 f"the model returned non-finite values at t={float(t.flatten()[0]):.6g} "
                 f"(evaluation {self.nfe}); try float64 (dtype=torch.float64), a grid that "
@@ -101,126 +108,109 @@ class BoundModel:
             )
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
-        if self.x0_transform is not None:
-            out = self.x0_transform(out)
         return out
 
     def eps(self, x: Tensor, t: Tensor | float, x0: Tensor) -> Tensor:
         """The epsilon prediction implied by an x0 estimate at ``(x, t)``."""
-        t = as_time(t)
-        return eps_from_x0(x, x0, self.process.alpha(t), self.process.sigma(t))
+        a, s, _ = self.scalars(t)
+        return (x - a * x0) / s
+
+    def output(self, x: Tensor, t: Tensor | float, prediction: str) -> Tensor:
+        """The model output in ``prediction`` (``"data"``: x0, ``"noise"``: epsilon)."""
+        x0 = self(x, t)
+        return x0 if prediction == "data" else self.eps(x, t, x0)
 
 
-#: diffusers applies ``lower_order_final`` only on grids with fewer steps than this
-LOWER_ORDER_FINAL_BELOW = 15
-
-
-LOWER_ORDER_FINAL = (False, True, "grid")
-
-
-def check_lower_order_final(value: bool | str) -> bool | str:
-    """Validate a ``lower_order_final`` option (``False``, ``True`` or ``"grid"``)."""
-    if value not in LOWER_ORDER_FINAL or (isinstance(value, int) and not isinstance(value, bool)):
-        raise ValueError(f"lower_order_final must be one of {LOWER_ORDER_FINAL}, got {value!r}")
-    return value
-
-
-def final_order_cap(state: dict[str, Any], mode: bool | str = True) -> int:
-    """The largest order ``lower_order_final=mode`` allows at the current step.
-
-    diffusers' rule: on a schedule of fewer than 15 steps, step ``i`` uses at most the
-    number of steps left (``n - i``), so the last step is first order and the one before at
-    most second order. With ``mode=True`` and ``final="denoise"`` our final denoise is the
-    step diffusers takes to sigma = 0 (``final_sigmas_type="zero"``), so it counts as the
-    last step and the last grid step may use order 2. ``mode="grid"`` counts grid steps
-    only (the last grid step is first order whatever the final policy). ``False``: no cap.
-    Returns a large number when no cap applies.
-    """
-    if not mode:
-        return 1 << 30
-    extra = 1 if (mode is True and state.get("final") == "denoise") else 0
-    n = int(state.get("n", 1 << 30)) + extra
-    if n >= LOWER_ORDER_FINAL_BELOW:
-        return 1 << 30
-    return max(1, n - int(state.get("i", 0)))
-
-
+@dataclass(frozen=True)
 class Solver:
-    """Base class. Subclasses set the class variables and implement :meth:`step`.
+    """Base class: a frozen dataclass whose fields are the solver's options.
 
-    Class variables:
-        name: registry name.
-        order: theoretical global convergence order of the deterministic ODE solve.
-        evals_per_step: model evaluations per step (for NFE budgets).
-        stochastic: whether the step draws noise (from ``state["noise"]``).
+    Subclasses are ``@dataclass(frozen=True)``, declare their options as fields, validate
+    them in ``__post_init__``, and implement :meth:`step` (and :meth:`init` when they keep
+    state). Capabilities are class variables, or properties computed from the fields:
+
+    Attributes:
+        order: global convergence order of the deterministic ODE solve.
+        evals_per_step: model evaluations per step (for NFE budgets; see :meth:`nfe`).
+        stochastic: whether the step draws noise (from ``ctx.noise``).
         multistep: whether the solver keeps a history of model outputs.
-        citation: the paper.
         prediction: what the update is written in (``"data"`` or ``"noise"``).
-        natural_grid: the grid kind the solver is designed for (default ``"logsnr"``).
+        natural_grid: the grid kind the solver is designed for.
+        citation: the paper.
+        SEARCH: options worth searching by a bench, with their candidate values.
     """
 
-    name: ClassVar[str] = ""
     order: ClassVar[int] = 1
     evals_per_step: ClassVar[int] = 1
     stochastic: ClassVar[bool] = False
     multistep: ClassVar[bool] = False
-    citation: ClassVar[str] = ""
     prediction: ClassVar[str] = "data"
-    #: the grid kind the solver is designed for (used by tests and benches as its default)
     natural_grid: ClassVar[str] = "logsnr"
+    citation: ClassVar[str] = ""
+    SEARCH: ClassVar[dict[str, tuple[Any, ...]]] = {}
 
-    def __init__(self, **options: Any) -> None:
-        if options:
-            raise TypeError(f"{type(self).__name__} got unknown options {sorted(options)}")
-
-    # the number of steps below which the solver never reaches its order
-    @property
-    def min_steps(self) -> int:
-        return self.order if self.multistep else 1
-
-    def nfe(self, n_steps: int) -> int:
-        """Model evaluations used by ``n_steps`` steps (without the final denoise).
-
-        Override when the cost per step varies (e.g. PNDM's Runge-Kutta warm start)."""
-        return self.evals_per_step * n_steps
-
-    def init(self, model: BoundModel, x: Tensor, grid: Tensor) -> dict[str, Any]:
-        """Initial state; multistep solvers add their history lists here."""
-        return {"grid": grid}
+    # ------------------------------------------------------------------ the contract
+    def init(self, model: BoundModel, x: Tensor) -> Any:
+        """The initial state (``None`` for solvers without history)."""
+        return None
 
     def step(
-        self, model: BoundModel, x: Tensor, t: Tensor, t_next: Tensor, state: dict[str, Any]
-    ) -> tuple[Tensor, dict[str, Any]]:  # pragma: no cover - abstract
+        self, model: BoundModel, x: Tensor, t: Tensor, t_next: Tensor, state: Any, ctx: StepContext
+    ) -> tuple[Tensor, Any]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def options(self) -> dict[str, Any]:
-        """The options this instance was built with (for records and tables)."""
-        return {
-            k: v
-            for k, v in vars(self).items()
-            if not k.startswith("_") and k not in ("name", "stochastic", "citation")
-        }
+    def nfe(self, n_steps: int) -> int:
+        """Model evaluations used by ``n_steps`` steps (without the final evaluation)."""
+        return self.evals_per_step * n_steps
 
-    def __repr__(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
-        return f"{type(self).__name__}({opts})"
+    @property
+    def min_steps(self) -> int:
+        """The number of steps below which the solver never reaches its order."""
+        return self.order if self.multistep else 1
+
+    # ------------------------------------------------------------------ options
+    def options(self) -> dict[str, Any]:
+        """The options (dataclass fields) of this solver: ``type(s)(**s.options()) == s``."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def replace(self, **changes: Any) -> Solver:
+        """A copy with some options changed (validated like a new solver)."""
+        return dataclasses.replace(self, **changes)
+
+    def search_space(self) -> dict[str, tuple[Any, ...]]:
+        """Options worth searching (name -> candidate values), declared by the class."""
+        return dict(self.SEARCH)
+
+    @property
+    def name(self) -> str:
+        """The registry name whose preset this solver matches (the most specific one)."""
+        return _name_of(self)
+
+    def __str__(self) -> str:
+        return self.name
 
 
 REGISTRY: dict[str, tuple[type[Solver], dict[str, Any]]] = {}
 #: per-name citation overrides (one class registered under names from different papers)
 CITATIONS: dict[str, str] = {}
+#: other libraries' names -> (our registry name, what the mapping means)
+ALIASES: dict[str, tuple[str, str]] = {}
 
 
 def register(name: str, *, citation: str | None = None, **preset: Any):
     """Class decorator: register ``cls`` under ``name`` with preset options.
 
     One class can be registered under several names (``dpmpp_2m`` and ``dpmpp_3m`` are the
-    same class with ``order=2`` and ``order=3``).
+    same class with ``solver_order=2`` and ``solver_order=3``).
     """
 
     def deco(cls: type[Solver]) -> type[Solver]:
-        if name in REGISTRY:
+        if name in REGISTRY or name in ALIASES:
             raise ValueError(f"solver {name!r} registered twice")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(preset) - fields
+        if unknown:
+            raise TypeError(f"preset {name!r} sets unknown options {sorted(unknown)}")
         REGISTRY[name] = (cls, dict(preset))
         if citation is not None:
             CITATIONS[name] = citation
@@ -229,37 +219,104 @@ def register(name: str, *, citation: str | None = None, **preset: Any):
     return deco
 
 
+def alias(name: str, target: str, meaning: str) -> None:
+    """Register another library's solver name as an alias of one of ours."""
+    if name in REGISTRY or name in ALIASES:
+        raise ValueError(f"solver {name!r} registered twice")
+    ALIASES[name] = (target, meaning)
+
+
+def resolve_name(name: str) -> str:
+    """The registry name behind ``name`` (itself, or the target of an alias)."""
+    _ensure_loaded()
+    return ALIASES[name][0] if name in ALIASES else name
+
+
 def get_solver(name: str | Solver, **options: Any) -> Solver:
-    """Build a registered solver by name, overriding its preset options.
+    """Build a registered solver by name (or alias), overriding its preset options.
 
     Example:
         >>> from diffusolve.solvers import get_solver
-        >>> get_solver("ddim").name
-        'ddim'
+        >>> s = get_solver("dpmpp_2m", lower_order_final=True)
+        >>> s.name, type(s)(**s.options()) == s
+        ('dpmpp_2m', True)
     """
     if isinstance(name, Solver):
-        if options:
-            raise TypeError("options can only be given together with a solver name")
-        return name
+        return name.replace(**options) if options else name
     _ensure_loaded()
+    key = resolve_name(name)
     try:
-        cls, preset = REGISTRY[name]
+        cls, preset = REGISTRY[key]
     except KeyError:
         raise ValueError(
             f"unknown solver {name!r}; available: {', '.join(sorted(REGISTRY))} "
-            "(see `diffusolve solvers`)"
+            f"(aliases: {', '.join(sorted(ALIASES))}; see `diffusolve solvers`)"
         ) from None
-    solver = cls(**{**preset, **options})
-    solver.name = name  # instance attribute: the registry name it was built from
-    if name in CITATIONS:
-        solver.citation = CITATIONS[name]
-    return solver
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        hint = ""
+        if "generator" in unknown:
+            hint = " To seed a stochastic solver pass noise=SEED (or a list of per-sample seeds)."
+        raise TypeError(f"{name} has no option(s) {unknown}; its options are {valid}.{hint}")
+    return cls(**{**preset, **options})
 
 
 def list_solvers() -> list[str]:
-    """Names of all registered solvers."""
+    """Names of all registered solvers (aliases not included)."""
     _ensure_loaded()
     return sorted(REGISTRY)
+
+
+_NAME_CACHE: dict[tuple[type, tuple], str] = {}
+
+
+def _name_of(solver: Solver) -> str:
+    cls = type(solver)
+    opts = solver.options()
+    try:
+        key: tuple | None = (cls, tuple(sorted(opts.items())))
+        hit = _NAME_CACHE.get(key)  # type: ignore[arg-type]
+    except TypeError:  # unhashable option values
+        key, hit = None, None
+    if hit is not None:
+        return hit
+    _ensure_loaded()
+    best, best_size, first = None, -1, None
+    for name in sorted(REGISTRY):
+        rcls, preset = REGISTRY[name]
+        if rcls is not cls:
+            continue
+        first = first or name
+        if all(opts.get(k) == v for k, v in preset.items()) and len(preset) > best_size:
+            best, best_size = name, len(preset)
+    out = best or first or cls.__name__
+    if key is not None:
+        _NAME_CACHE[key] = out
+    return out
+
+
+def citation_of(solver: Solver) -> str:
+    """The citation of a solver (per-name override, else the class's)."""
+    return CITATIONS.get(solver.name, solver.citation)
+
+
+def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    """Raise a clear error unless ``value`` is one of ``choices`` (bools are not ints)."""
+    ok = any(
+        value is c if isinstance(c, bool) else (value == c and not isinstance(value, bool))
+        for c in choices
+    )
+    if not ok:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    """Raise unless ``value`` is a finite number > 0 (or >= 0)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
 def _ensure_loaded() -> None:

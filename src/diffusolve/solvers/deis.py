@@ -17,20 +17,29 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..process import Process
-from .base import BoundModel, Solver, check_lower_order_final, coef, final_order_cap, register
+from .base import BoundModel, Solver, StepContext, alias, check_choice, register
+from .multistep import (
+    LOWER_ORDER_FINAL,
+    History,
+    MultistepState,
+    Record,
+    check_lower_order_final,
+    step_order,
+)
 
 __all__ = ["DEIS", "lagrange_basis", "tab_coefficients", "rhoab_coefficients"]
 
 _GL_NODES = 8  # Gauss-Legendre nodes per panel
 _PANEL = 1.0  # widest panel in lambda; one step is split into ceil(|h| / _PANEL) panels
 VARIANTS = ("t", "rho")
+GRID_KINDS = ("logsnr", "time_uniform", "time_quadratic", "karras")
 
 
 def lagrange_basis(nodes: Sequence[float], x: np.ndarray) -> np.ndarray:
@@ -87,22 +96,20 @@ def rhoab_coefficients(sig: Sequence[float], sig_next: float) -> np.ndarray:
     return c
 
 
-def effective_order(
-    order: int, n_hist: int, state: dict[str, Any], lower_order_final: bool | str
-) -> int:
-    """Order of the current step: limited by the history and, optionally, near the end
-    (:func:`~diffusolve.solvers.base.final_order_cap`; ``"grid"`` counts grid steps only)."""
-    q = min(order, n_hist)
-    if lower_order_final:
-        q = min(q, final_order_cap(state, lower_order_final))
-    return max(q, 1)
-
-
 @register("deis_tab1", order=1, variant="t")
 @register("deis_tab2", order=2, variant="t")
 @register("deis_tab3", order=3, variant="t")
 @register("deis_rhoab2", order=2, variant="rho")
 @register("deis_rhoab3", order=3, variant="rho")
+@register(
+    "ipndm_v",
+    order=4,
+    variant="rho",
+    natural_grid="karras",
+    citation="Zhang & Chen, Fast Sampling of Diffusion Models with Exponential Integrator, "
+    "ICLR 2023 (iPNDM, variable-step form)",
+)
+@dataclass(frozen=True)
 class DEIS(Solver):
     """DEIS multistep exponential integrator, ``tAB-k`` or ``rhoAB-k``. Order ``k``.
 
@@ -122,10 +129,13 @@ class DEIS(Solver):
     ``variant="rho"`` (rhoAB) takes it in ``rho = sigma~`` and integrates in closed form:
     variable-step Adams-Bashforth in ``sigma~``. One evaluation per step.
 
+    ``ipndm_v`` (variable-step iPNDM, as in the diff-sampler toolbox) is the preset
+    ``variant="rho", order=4`` on the EDM grid: the weights are recomputed for the actual
+    steps, so it is fourth order on any smooth grid (fixed-coefficient iPNDM is not).
+
     Order: the extrapolated ``eps`` is exact to degree ``k - 1`` in the interpolation
     variable, and ``t`` and ``sigma~`` are smooth functions of each other, so the local
-    error is ``O(h^{k+1})`` and the global order is ``k`` on any smooth grid (the weights
-    are recomputed for the actual steps, unlike fixed-coefficient PNDM/iPNDM). ``k = 1`` is
+    error is ``O(h^{k+1})`` and the global order is ``k`` on any smooth grid. ``k = 1`` is
     DDIM exactly. Caveat: the lower-order warm-up steps have local errors ``O(h^2)``,
     ``O(h^3)``, ...; started from pure noise (``t_max``) their error constants vanish
     (``eps`` is nearly constant there), but a solve started mid-trajectory (e.g. img2img)
@@ -135,40 +145,36 @@ class DEIS(Solver):
     Options:
         order: ``k`` in 1..4.
         variant: ``"t"`` (tAB) or ``"rho"`` (rhoAB).
-        lower_order_final: diffusers' rule (:func:`~diffusolve.solvers.base.final_order_cap`):
-            on schedules of fewer than 15 steps, at most as many orders as steps are left,
-            the final denoise counting as the last step.
-
-    Paper defaults: tAB3 on a time-quadratic grid is the reported best
-    (``natural_grid = "time_quadratic"``); ``deis_tab1`` is DDIM.
+        lower_order_final: diffusers' rule (:func:`~diffusolve.solvers.multistep.final_order_cap`).
+        natural_grid: the grid kind the preset is meant for (tAB3 on a time-quadratic grid
+            is the paper's reported best; iPNDM_v uses the EDM grid).
 
     Example:
         >>> from diffusolve.solvers import get_solver
-        >>> get_solver("deis_tab3").order
-        3
+        >>> get_solver("deis_tab3").order, get_solver("ipndm_v").order
+        (3, 4)
     """
 
-    order = 3
+    order: int = 3  # type: ignore[misc]
+    variant: str = "t"
+    lower_order_final: bool | str = False
+    natural_grid: str = "time_quadratic"  # type: ignore[misc]
+
     multistep = True
     prediction = "noise"
-    natural_grid = "time_quadratic"
     citation = (
         "Zhang & Chen, Fast Sampling of Diffusion Models with Exponential Integrator, ICLR 2023"
     )
+    SEARCH = {"lower_order_final": LOWER_ORDER_FINAL}
 
-    def __init__(
-        self, order: int = 3, variant: str = "t", lower_order_final: bool | str = False
-    ) -> None:
-        if int(order) != order or not 1 <= order <= 4:
-            raise ValueError(f"DEIS order must be 1, 2, 3 or 4, got {order!r}")
-        if variant not in VARIANTS:
-            raise ValueError(f"DEIS variant must be one of {VARIANTS}, got {variant!r}")
-        self.order = int(order)  # type: ignore[misc]
-        self.variant = variant
-        self.lower_order_final = check_lower_order_final(lower_order_final)
+    def __post_init__(self) -> None:
+        check_choice("order", self.order, (1, 2, 3, 4))
+        check_choice("variant", self.variant, VARIANTS)
+        check_lower_order_final(self.lower_order_final)
+        check_choice("natural_grid", self.natural_grid, GRID_KINDS)
 
-    def init(self, model: BoundModel, x: Tensor, grid: Tensor) -> dict[str, Any]:
-        return {"grid": grid, "times": [], "eps": []}
+    def init(self, model: BoundModel, x: Tensor) -> MultistepState:
+        return MultistepState()
 
     def coefficients(self, process: Process, times: Sequence[float], t_next: float) -> np.ndarray:
         """The weights ``C_j`` (float64) for history ``times`` (current first)."""
@@ -178,17 +184,30 @@ class DEIS(Solver):
         return rhoab_coefficients(sig, float(process.sigma_tilde(t_next)))
 
     def step(
-        self, model: BoundModel, x: Tensor, t: Tensor, t_next: Tensor, state: dict[str, Any]
-    ) -> tuple[Tensor, dict[str, Any]]:
-        p = model.process
-        eps = model.eps(x, t, model(x, t))
-        times = [float(t)] + state["times"][: self.order - 1]
-        hist = [eps] + state["eps"][: self.order - 1]
-        q = effective_order(self.order, len(hist), state, self.lower_order_final)
-        c = self.coefficients(p, times[:q], float(t_next))
-        a, a1 = float(p.alpha(t)), float(p.alpha(t_next))
-        x_next = coef(a1 / a, x) * x
-        for cj, ej in zip(c, hist[:q], strict=True):
-            x_next = x_next + coef(a1 * cj, x) * ej
-        state["times"], state["eps"] = times, hist
-        return x_next, state
+        self,
+        model: BoundModel,
+        x: Tensor,
+        t: Tensor,
+        t_next: Tensor,
+        state: MultistepState,
+        ctx: StepContext,
+    ) -> tuple[Tensor, MultistepState]:
+        a, _, lam = model.scalars(t)
+        a1 = model.scalars(t_next)[0]
+        eps = model.output(x, t, "noise")
+        hist: History = state.hist.push(Record(float(t), lam, eps), self.order)
+        q = step_order(self.order, len(hist), ctx, self.lower_order_final)
+        recent = [hist.newest(j) for j in range(q)]
+        c = self.coefficients(model.process, [r.t for r in recent], float(t_next))
+        x_next = (a1 / a) * x
+        for cj, rec in zip(c.tolist(), recent, strict=True):
+            x_next = x_next + (a1 * cj) * rec.out
+        return x_next, MultistepState(hist)
+
+
+alias(
+    "lms",
+    "ipndm_v",
+    "the linear multistep method in sigma with integrated Lagrange weights (order 4) is "
+    "variable-step Adams-Bashforth in sigma / alpha on epsilon, i.e. ipndm_v",
+)

@@ -8,21 +8,36 @@ is the model; with an ordinary denoiser this is a maximally stochastic sampler (
 
 from __future__ import annotations
 
-from .base import Solver, coef, register
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from .base import BoundModel, Solver, StepContext, register
 
 __all__ = ["LCM"]
 
 
 @register("lcm")
+@dataclass(frozen=True)
 class LCM(Solver):
-    """Latent-consistency multistep sampling; stochastic, one evaluation per step."""
+    """Latent-consistency multistep sampling; stochastic, one evaluation per step.
 
-    order = 1
+    Example:
+        >>> from diffusolve.solvers import get_solver
+        >>> get_solver("lcm").stochastic
+        True
+    """
+
     stochastic = True
-    citation = "Luo, Tan, Huang, Li & Zhao, Latent Consistency Models, 2023; Song, Dhariwal, Chen & Sutskever, Consistency Models, ICML 2023"
+    citation = (
+        "Luo, Tan, Huang, Li & Zhao, Latent Consistency Models, 2023; "
+        "Song, Dhariwal, Chen & Sutskever, Consistency Models, ICML 2023"
+    )
 
-    def step(self, model, x, t, t_next, state):
-        p = model.process
+    def step(
+        self, model: BoundModel, x: Tensor, t: Tensor, t_next: Tensor, state: None, ctx: StepContext
+    ) -> tuple[Tensor, None]:
+        a1, s1, _ = model.scalars(t_next)
         x0 = model(x, t)
-        z = state["noise"](tuple(x.shape), dtype=x.dtype, device=x.device)
-        return coef(p.alpha(t_next), x) * x0 + coef(p.sigma(t_next), x) * z, state
+        z = ctx.noise(tuple(x.shape), dtype=x.dtype, device=x.device)
+        return a1 * x0 + s1 * z, None

@@ -25,14 +25,23 @@ reused as the model output at ``t`` by the next predictor.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .base import BoundModel, Solver, check_lower_order_final, coef, final_order_cap, register
+from .base import BoundModel, Solver, StepContext, check_choice, register
+from .expint import ExpStep
+from .multistep import (
+    LOWER_ORDER_FINAL,
+    History,
+    Record,
+    check_lower_order_final,
+    step_order,
+)
 
-__all__ = ["UniPC"]
+__all__ = ["UniPC", "UniPCState", "unipc_weights"]
 
 VARIANTS = ("bh1", "bh2")
 
@@ -66,12 +75,27 @@ def unipc_weights(hh: Tensor, rks: list[Tensor], variant: str) -> tuple[Tensor, 
     return b_h, rho_p, rho_c
 
 
+@dataclass(frozen=True, slots=True)
+class UniPCState:
+    """UniPC's state: the history of outputs, the corrected state of the previous grid time
+    (``x_prev`` at ``t_prev``), the predictor order used there (``q_prev``) and, for
+    ``refine_start``, the first two grid points and states."""
+
+    hist: History = History()
+    x_prev: Tensor | None = None
+    t_prev: Tensor | None = None
+    q_prev: int = 0
+    start: tuple[Tensor, Tensor] | None = None  # (t_0, x_0)
+    first: tuple[Tensor, Tensor] | None = None  # (t_1, corrected x_1)
+
+
 @register("unipc_bh1_1", variant="bh1", predictor_order=1)
 @register("unipc_bh1_2", variant="bh1", predictor_order=2)
 @register("unipc_bh1_3", variant="bh1", predictor_order=3)
 @register("unipc_bh2_1", variant="bh2", predictor_order=1)
 @register("unipc_bh2_2", variant="bh2", predictor_order=2)
 @register("unipc_bh2_3", variant="bh2", predictor_order=3)
+@dataclass(frozen=True)
 class UniPC(Solver):
     """UniPC multistep: UniP-p predictor with the UniC corrector, global order ``p + 1``.
 
@@ -133,48 +157,46 @@ class UniPC(Solver):
         torch.Size([4, 2])
     """
 
-    order: ClassVar[int] = 3
+    predictor_order: int = 2
+    variant: str = "bh2"
+    predict_x0: bool = True
+    lower_order_final: bool | str = False
+    disable_corrector: bool = False
+    refine_start: bool = False
+
     multistep = True
     citation = (
         "Zhao, Bai, Rao, Zhou & Lu, UniPC: A Unified Predictor-Corrector Framework for Fast "
         "Sampling of Diffusion Models, NeurIPS 2023"
     )
+    SEARCH = {"lower_order_final": LOWER_ORDER_FINAL}
 
-    def __init__(
-        self,
-        predictor_order: int = 2,
-        variant: str = "bh2",
-        predict_x0: bool = True,
-        lower_order_final: bool | str = False,
-        disable_corrector: bool = False,
-        refine_start: bool = False,
-    ) -> None:
-        if predictor_order not in (1, 2, 3):
-            raise ValueError(f"predictor_order must be 1, 2 or 3, got {predictor_order!r}")
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        if refine_start and (predictor_order != 3 or disable_corrector):
+    def __post_init__(self) -> None:
+        check_choice("predictor_order", self.predictor_order, (1, 2, 3))
+        check_choice("variant", self.variant, VARIANTS)
+        check_choice("predict_x0", self.predict_x0, (True, False))
+        check_lower_order_final(self.lower_order_final)
+        check_choice("disable_corrector", self.disable_corrector, (True, False))
+        check_choice("refine_start", self.refine_start, (True, False))
+        if self.refine_start and (self.predictor_order != 3 or self.disable_corrector):
             raise ValueError(
                 "refine_start only applies to predictor_order=3 with the corrector on "
                 "(lower orders already warm up to their full order)"
             )
-        self.predictor_order = int(predictor_order)
-        self.variant = variant
-        self.predict_x0 = bool(predict_x0)
-        self.lower_order_final = check_lower_order_final(lower_order_final)
-        self.disable_corrector = bool(disable_corrector)
-        self.refine_start = bool(refine_start)
-        self.order = self.predictor_order + (0 if self.disable_corrector else 1)  # type: ignore[misc]
-        self.prediction = "data" if self.predict_x0 else "noise"  # type: ignore[misc]
+
+    @property
+    def order(self) -> int:  # type: ignore[override]
+        return self.predictor_order + (0 if self.disable_corrector else 1)
+
+    @property
+    def prediction(self) -> str:  # type: ignore[override]
+        return "data" if self.predict_x0 else "noise"
 
     def nfe(self, n_steps: int) -> int:
         return n_steps + (1 if self.refine_start and n_steps >= 2 else 0)
 
-    def init(self, model: BoundModel, x: Tensor, grid: Tensor) -> dict[str, Any]:
-        # hist: model outputs (x0 or eps) at past grid times, newest last; lams: their lambda;
-        # x_prev/t_prev: the (corrected) state at the previous grid time; q_prev: the
-        # predictor order used on the previous step.
-        return {"grid": grid, "hist": [], "lams": [], "x_prev": None, "q_prev": 0, "k": 0}
+    def init(self, model: BoundModel, x: Tensor) -> UniPCState:
+        return UniPCState()
 
     # -- the shared update ----------------------------------------------------------------
 
@@ -184,83 +206,62 @@ class UniPC(Solver):
         x_s: Tensor,
         t_s: Tensor,
         t: Tensor,
-        hist: list[Tensor],
-        lams: list[Tensor],
+        hist: History,
         q: int,
         m_new: Tensor | None,
     ) -> Tensor:
-        """One step ``s -> t`` from ``x_s`` with ``m_0 = hist[-1]`` at ``lams[-1]``.
+        """One step ``s -> t`` from ``x_s`` with ``m_0 = hist[-1]`` (at ``t_s``).
 
-        ``m_new is None``: UniP-q (uses ``hist[-q:]``); else UniC-q (uses ``hist[-q:]`` and
-        ``m_new``, the model output at ``t``).
+        ``m_new is None``: UniP-q (uses the newest ``q`` records); else UniC-q (uses them
+        and ``m_new``, the model output at ``t``).
         """
-        p = model.process
-        lam_s, lam_t = lams[-1], p.lam(t)
-        h = lam_t - lam_s
-        m0 = hist[-1]
-        if self.predict_x0:
-            hh = -h
-            fac = p.alpha(t)
-            lin = p.sigma(t) / p.sigma(t_s)
-        else:
-            hh = h
-            fac = p.sigma(t)
-            lin = p.alpha(t) / p.alpha(t_s)
-        past = [(hist[-1 - k], (lams[-1 - k] - lam_s) / h) for k in range(1, q)]
-        rks = [r for _, r in past] + [torch.ones((), dtype=torch.float64)]
-        b_h, rho_p, rho_c = unipc_weights(hh, rks, self.variant)
-        out = coef(lin, x_s) * x_s - coef(fac * torch.expm1(hh), x_s) * m0
-        rho = rho_p if m_new is None else rho_c
+        f = ExpStep(model.scalars(t_s), model.scalars(t), self.prediction)
+        h = f.h
+        hh = f.z
+        fac = f.c if self.predict_x0 else -f.c  # alpha_t (data) or sigma_t (noise)
+        m0 = hist.newest(0).out
+        lam_s = hist.newest(0).lam
+        past = [(hist.newest(k).out, (hist.newest(k).lam - lam_s) / h) for k in range(1, q)]
+        rks = [r for _, r in past] + [1.0]
+        b_h, rho_p, rho_c = unipc_weights(torch.tensor(hh, dtype=torch.float64), rks, self.variant)
+        b_h_f = float(b_h)
+        rho = (rho_p if m_new is None else rho_c).tolist()
+        out = f.ratio * x_s - (fac * math.expm1(hh)) * m0
         for k, (m_k, r_k) in enumerate(past):
-            out = out - coef(fac * b_h * rho[k] / r_k, x_s) * (m_k - m0)
+            out = out - (fac * b_h_f * rho[k] / r_k) * (m_k - m0)
         if m_new is not None:
-            out = out - coef(fac * b_h * rho[-1], x_s) * (m_new - m0)
+            out = out - (fac * b_h_f * rho[-1]) * (m_new - m0)
         return out
 
-    def _output(self, model: BoundModel, x: Tensor, t: Tensor) -> Tensor:
-        x0 = model(x, t)
-        return x0 if self.predict_x0 else model.eps(x, t, x0)
-
     def step(
-        self, model: BoundModel, x: Tensor, t: Tensor, t_next: Tensor, state: dict[str, Any]
-    ) -> tuple[Tensor, dict[str, Any]]:
-        p = model.process
-        grid = state["grid"]
-        hist, lams = list(state["hist"]), list(state["lams"])
-        i = state.get("i", state["k"])  # the loop sets "i"; "k" counts steps otherwise
-        n = state.get("n", grid.numel() - 1)
-        m = self._output(model, x, t)
-        new = dict(state)
-        if state["x_prev"] is not None and not self.disable_corrector:
-            x = self._update(model, state["x_prev"], grid[i - 1], t, hist, lams, state["q_prev"], m)
+        self,
+        model: BoundModel,
+        x: Tensor,
+        t: Tensor,
+        t_next: Tensor,
+        state: UniPCState,
+        ctx: StepContext,
+    ) -> tuple[Tensor, UniPCState]:
+        i = ctx.i
+        m = model.output(x, t, self.prediction)
+        start, first = state.start, state.first
+        if state.x_prev is not None and not self.disable_corrector:
+            x = self._update(model, state.x_prev, state.t_prev, t, state.hist, state.q_prev, m)
         if self.refine_start and i == 1:
-            new["x_1"] = x
-            m = self._output(model, x, t)  # the one extra evaluation, at the corrected x_1
-        hist.append(m)
-        lams.append(p.lam(t))
-        if self.refine_start and i == 2:
-            # first step redone through m_0, m(x_1), m_2; the change goes through step 2's
-            # linear part (sigma_2/sigma_1 or alpha_2/alpha_1)
-            x1 = self._update(
-                model,
-                state["x_0"],
-                grid[0],
-                grid[1],
-                [hist[-1], hist[-3]],
-                [lams[-1], lams[-3]],
-                2,
-                hist[-2],
-            )
-            lin = (
-                p.sigma(t) / p.sigma(grid[1]) if self.predict_x0 else p.alpha(t) / p.alpha(grid[1])
-            )
-            x = x + coef(lin, x) * (x1 - state["x_1"])
+            first = (t, x)
+            m = model.output(x, t, self.prediction)  # the one extra evaluation, at x_1
+        hist = state.hist.push(Record(float(t), model.scalars(t)[2], m), 3)
+        if self.refine_start and i == 2 and start is not None and first is not None:
+            # the first step redone through m_0, m(x_1), m_2; the change goes through step
+            # 2's linear part (sigma_2/sigma_1 or alpha_2/alpha_1)
+            (t0, x0_state), (t1, x1_old) = start, first
+            two = History((hist.newest(0), hist.newest(2)))
+            x1 = self._update(model, x0_state, t0, t1, two, 2, hist.newest(1).out)
+            lin = ExpStep(model.scalars(t1), model.scalars(t), self.prediction).ratio
+            x = x + lin * (x1 - x1_old)
         if self.refine_start and i == 0:
-            new["x_0"] = x
-        q = min(self.predictor_order, len(hist))
-        if self.lower_order_final:
-            q = max(1, min(q, final_order_cap({**state, "i": i, "n": n}, self.lower_order_final)))
-        x_next = self._update(model, x, t, t_next, hist, lams, q, None)
+            start = (t, x)
+        q = step_order(self.predictor_order, len(hist), ctx, self.lower_order_final)
+        x_next = self._update(model, x, t, t_next, hist, q, None)
         keep = 3 if self.refine_start else self.predictor_order
-        new.update(hist=hist[-keep:], lams=lams[-keep:], x_prev=x, q_prev=q, k=i + 1)
-        return x_next, new
+        return x_next, UniPCState(History(hist[-keep:]), x, t, q, start, first)
