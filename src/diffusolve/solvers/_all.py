@@ -1,3 +1,3 @@
 """Import every solver module so that the registry is complete."""
 
-from . import ddim, deis, dpm_multistep, dpm_solver, euler, lcm, pndm, unipc  # noqa: F401
+from . import ddim, deis, dpm_multistep, dpm_solver, dpmpp_ancestral, euler, lcm, pndm, unipc  # noqa: F401
