@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from .base import BoundModel, Solver, StepContext, alias, check_positive, register
@@ -61,9 +62,9 @@ class DDIM(Solver):
         a, s, lam = model.scalars(t)
         a1, s1, lam1 = model.scalars(t_next)
         x0 = model(x, t)
+        if self.eta == 0:  # a1 x0 + s1 eps with eps = (x - a x0) / s, in two tensor ops
+            return torch.add(x * (s1 / s), x0, alpha=a1 - s1 * a / s), None
         eps = (x - a * x0) / s
-        if self.eta == 0:
-            return a1 * x0 + s1 * eps, None
         std = min(self.eta * s1 * math.sqrt(-math.expm1(-2 * (lam1 - lam))), s1)
         z = ctx.noise(tuple(x.shape), dtype=x.dtype, device=x.device)
         det = math.sqrt(max(s1 * s1 - std * std, 0.0))

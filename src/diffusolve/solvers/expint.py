@@ -116,4 +116,4 @@ class ExpStep:
 
     def first_order(self, x: Tensor, m: Tensor) -> Tensor:
         """``ratio x + c h phi_1(z) m``: the DDIM step with ``m`` frozen over the step."""
-        return self.ratio * x + self.weight(1) * m
+        return torch.add(x * self.ratio, m, alpha=self.weight(1))

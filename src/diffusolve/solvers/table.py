@@ -76,6 +76,8 @@ def solver_table(markdown: bool = True, width: int | None = None) -> str:
         out = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         out += ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in rows]
         return "\n".join(out)
+    # terminal: short citations before the (long) presets, so a cut line keeps the paper
+    plain = ["name", "order", "evals/step", "kind", "grid", "paper", "preset"]
     cells = [
         {
             **{c: str(r[c]) for c in COLUMNS},
@@ -84,10 +86,10 @@ def solver_table(markdown: bool = True, width: int | None = None) -> str:
         }
         for r in rows
     ]
-    widths = {c: max(len(c), *(len(r[c]) for r in cells)) for c in COLUMNS[:-1]}
-    lines = ["  ".join(c.ljust(widths[c]) for c in COLUMNS[:-1]) + "  paper"]
+    widths = {c: max(len(c), *(len(r[c]) for r in cells)) for c in plain[:-1]}
+    lines = ["  ".join(c.ljust(widths[c]) for c in plain[:-1]) + "  preset"]
     for r in cells:
-        lines.append("  ".join(r[c].ljust(widths[c]) for c in COLUMNS[:-1]) + "  " + r["paper"])
+        lines.append("  ".join(r[c].ljust(widths[c]) for c in plain[:-1]) + "  " + r["preset"])
     aliases = getattr(base, "ALIASES", {})
     if aliases:
         lines += ["", "aliases (other libraries' names):"]
