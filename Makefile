@@ -1,8 +1,13 @@
 # The two entry points of the README. Each creates the virtual environment if missing,
-# installs the pinned CPU torch first (an unpinned torch pulls CUDA packages), then the
-# package with its extras, and runs the job.
+# installs torch 2.13.0 (the tested version) first, then the package with its extras, and
+# runs the job.
+#
+# TORCH_INDEX chooses where torch comes from. Empty (the default): pip's configured index;
+# on Linux PyPI serves the CUDA build (with ~2 GB of CUDA packages). For the CPU build:
+#   make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
 PYTHON ?= python3
 VENV ?= .venv
+TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.diffusolve-installed
 
@@ -11,12 +16,13 @@ STAMP := $(VENV)/.diffusolve-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet torch==2.13.0$(if $(TORCH_INDEX), --index-url $(TORCH_INDEX))
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# the demo's own folder (diffusolve-demo/) is refreshed on every run
 demo: $(STAMP)
-	$(VENV)/bin/diffusolve demo
+	$(VENV)/bin/diffusolve demo --force
 
 test: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from diffusolve.metrics.fd import fd_digits, frechet_distance
-from diffusolve.models import Denoiser, load
+import diffusolve
+from diffusolve.metrics import frechet_distance
+from diffusolve.models import Denoiser, fd_digits, load
 from diffusolve.models.bundled import asset_dir, load_classifier
+from diffusolve.models.data import load_digits, split
 from diffusolve.process import DiscreteVP, from_scheduler_config
-from diffusolve.train.data import load_digits, split
 from diffusolve.train.digits import sample_digits
 
 ASSETS = asset_dir("digits")
@@ -25,7 +26,7 @@ TEST = CARD["test_check"]  # the card's figure for exactly the configuration use
 @pytest.fixture(scope="module")
 def guided_samples() -> tuple[torch.Tensor, torch.Tensor]:
     labels = torch.arange(TEST["n"]) % 10
-    model = load("digits", guidance=TEST["guidance"])
+    model = diffusolve.load("digits", guidance=TEST["guidance"])
     return sample_digits(model, labels, TEST["steps"], TEST["solver"], seed=TEST["seed"]), labels
 
 

@@ -62,5 +62,13 @@ def test_demo_quick(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "FD-digits" in report and "Exact reference" in report
     assert len(list(out.glob("*.png"))) >= 10
-    printed = capsys.readouterr().out
-    assert "report.md" in printed
+    captured = capsys.readouterr()
+    assert "report.md" in captured.out
+    # without a terminal: one line per stage on stderr
+    stages = [line for line in captured.err.splitlines() if line.startswith("[demo")]
+    assert len(stages) >= 6 and any("FD-digits" in line for line in stages)
+    # an earlier report is never replaced without --force (checked before any work)
+    (out / "report.md").write_text("my notes")
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (out / "report.md").read_text() == "my notes"

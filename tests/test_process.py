@@ -123,3 +123,25 @@ def test_bad_grids_raise():
         make_grid(p, 0)
     with pytest.raises(ValueError, match="unknown grid"):
         make_grid(p, 3, "nope")
+
+
+def test_prior_sample_takes_seeds_like_sample():
+    """noise= takes an int seed (per-sample seeds s, s+1, ...), a list of seeds, a generator
+    or a noise source; sample i depends on its seed only, not on the batch."""
+    from diffusolve.solvers import SeededNoise
+
+    p = ddpm()
+    a = p.prior_sample((4, 3), noise=2)
+    assert torch.equal(a, p.prior_sample((4, 3), noise=[2, 3, 4, 5]))
+    assert torch.equal(a, p.prior_sample((4, 3), noise=SeededNoise(range(2, 6))))
+    assert torch.equal(a[1:2], p.prior_sample((1, 3), noise=3))
+    assert p.prior_sample((2, 3), noise=0, dtype=torch.float64).dtype == torch.float64
+    # the generator keeps working, positionally or as noise=
+    g = p.prior_sample((2, 3), torch.Generator().manual_seed(0))
+    assert torch.equal(g, p.prior_sample((2, 3), noise=torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match="one seed per sample"):
+        p.prior_sample((2, 3), noise=[1, 2, 3])
+    with pytest.raises(TypeError, match="noise must be"):
+        p.prior_sample((2, 3), noise="seed")
+    with pytest.raises(ValueError, match="either generator or noise"):
+        p.prior_sample((2, 3), torch.Generator(), noise=0)

@@ -5,17 +5,28 @@
 2. On an exact reference (a Gaussian mixture whose probability-flow ODE is solved to
    1e-10): the error of each solver against the exact endpoint as NFE grows, and a plot.
 
-Everything lands in one folder with a ``report.md`` that embeds the panels and tables.
+Everything lands in one folder with a ``report.md`` that embeds the panels and tables. An
+earlier report in that folder is kept unless ``force``. One line per stage goes to stderr,
+so a run without a terminal (``make demo`` in a log) shows where it is.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-__all__ = ["run_demo", "markdown_table"]
+__all__ = ["run_demo", "markdown_table", "OUTPUTS"]
+
+#: the files the demo writes in its folder (checked before it starts)
+OUTPUTS = ("report.md", "digits_*_nfe*.png", "exact_reference.png")
+
+
+def _stage(message: str, t0: float) -> None:
+    print(f"[demo {time.time() - t0:5.0f} s] {message}", file=sys.stderr, flush=True)
+
 
 DEMO_SOLVERS = ("ddim", "dpmpp_2m", "unipc_bh2_2")
 DEMO_NFES = (5, 10, 20)
@@ -39,11 +50,11 @@ def _available(names: tuple[str, ...]) -> list[str]:
     return [n for n in names if n in have]
 
 
-def _digits_section(out: Path, quick: bool, progress: bool) -> tuple[str, list[str]]:
+def _digits_section(out: Path, quick: bool, progress: bool, t0: float) -> tuple[str, list[str]]:
     """Samples per class and FD-digits on the bundled model. Returns (markdown, printed tables)."""
     from .images import save_grid
-    from .metrics.fd import fd_digits, fd_digits_noise_floor
-    from .models import load
+    from .loading import load
+    from .models import fd_digits, fd_digits_noise_floor
     from .process import make_grid
     from .solvers import get_solver, sample, steps_for_nfe
 
@@ -59,6 +70,7 @@ def _digits_section(out: Path, quick: bool, progress: bool) -> tuple[str, list[s
     )
     panel_rows = []
     for name in solvers:
+        _stage(f"digits panels, {name}, NFE {'/'.join(map(str, DEMO_NFES))}", t0)
         solver = get_solver(name)
         cells = [name]
         for nfe in DEMO_NFES:
@@ -78,9 +90,10 @@ def _digits_section(out: Path, quick: bool, progress: bool) -> tuple[str, list[s
     fd_rows = []
     fd_labels = torch.arange(n_fd) % 10
     for name in solvers:
+        _stage(f"FD-digits, {name}, {n_fd} samples at NFE 10", t0)
         solver = get_solver(name)
         grid = make_grid(proc, steps_for_nfe(solver, 10), solver.natural_grid)
-        t0 = time.time()
+        t1 = time.time()
         xs = []
         for chunk in torch.split(torch.arange(n_fd), 500):
             xT = proc.prior_sample(
@@ -89,8 +102,9 @@ def _digits_section(out: Path, quick: bool, progress: bool) -> tuple[str, list[s
             with torch.no_grad():
                 xs.append(sample(plain, xT, grid, solver, cond=fd_labels[chunk], progress=progress))
         fd = fd_digits(torch.cat(xs))
-        fd_rows.append([name, 10, n_fd, float(fd), round(time.time() - t0, 1)])
+        fd_rows.append([name, 10, n_fd, float(fd), round(time.time() - t1, 1)])
     fd_md = markdown_table(["solver", "NFE", "samples", "FD-digits", "seconds"], fd_rows)
+    _stage(f"FD-digits noise floor ({n_fd} real digits)", t0)
     floor = fd_digits_noise_floor(n_fd)
     md += [
         "### FD-digits at NFE 10 (conditional, no guidance; held-out split as reference)",
@@ -105,13 +119,12 @@ def _digits_section(out: Path, quick: bool, progress: bool) -> tuple[str, list[s
     return "\n".join(md), [fd_md]
 
 
-def _seeded(n: int, start: int = 0):
-    from .solvers.noise import SeededNoise
+def _seeded(n: int, start: int = 0) -> list[int]:
+    """Per-sample seeds ``start .. start + n - 1``."""
+    return list(range(start, start + n))
 
-    return SeededNoise(range(start, start + n))
 
-
-def _exact_section(out: Path, quick: bool, progress: bool) -> tuple[str, list[str]]:
+def _exact_section(out: Path, quick: bool, progress: bool, t0: float) -> tuple[str, list[str]]:
     """Error against the exact probability-flow endpoint of a Gaussian mixture."""
     import matplotlib
 
@@ -127,12 +140,14 @@ def _exact_section(out: Path, quick: bool, progress: bool) -> tuple[str, list[st
     gmm = GaussianMixture.random(2, 25, process=proc, seed=0)
     n = 256 if quick else 1000
     xT = proc.prior_sample((n, 2), torch.Generator().manual_seed(0), dtype=torch.float64)
+    _stage(f"exact reference: Gaussian mixture PF-ODE endpoint of {n} samples (DOP853)", t0)
     ref = gmm.reference(xT, proc.t_max, proc.t_min, final="denoise")
     names = _available(
         ("ddim", "heun", "dpmpp_2m", "dpmpp_3m", "unipc_bh2_2", "deis_tab3", "ipndm")
     )
     nfes = (5, 10, 20, 50)
     rows, curves = [], {}
+    _stage(f"exact reference: {len(names)} solvers at NFE {'/'.join(map(str, nfes))}", t0)
     for name in names:
         solver = get_solver(name)
         errs = []
@@ -184,16 +199,25 @@ def _exact_section(out: Path, quick: bool, progress: bool) -> tuple[str, list[st
 
 
 def run_demo(
-    out: str | Path = "diffusolve-demo", quick: bool = False, progress: bool = True
+    out: str | Path = "diffusolve-demo",
+    quick: bool = False,
+    progress: bool = True,
+    force: bool = False,
 ) -> int:
-    """Run the demo and write ``out/report.md``; returns an exit code."""
-    out = Path(out)
+    """Run the demo and write ``out/report.md``; returns an exit code.
+
+    Refuses (``FileExistsError``, before any work) when ``out`` already holds a report or
+    panels, unless ``force``."""
+    from ._paths import check_dir_out
+
+    out = check_dir_out(out, files=OUTPUTS, force=force)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     t0 = time.time()
+    _stage(f"writing to {out}/ ({'quick' if quick else 'full'} run)", t0)
     parts, printed = ["# diffusolve demo", ""], []
     for section in (_digits_section, _exact_section):
-        md, tables = section(out, quick, progress)
+        md, tables = section(out, quick, progress, t0)
         parts.append(md)
         printed += tables
     parts.append(f"_Total time: {time.time() - t0:.0f} s on {torch.get_num_threads()} threads._")

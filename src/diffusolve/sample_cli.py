@@ -1,14 +1,27 @@
-"""``diffusolve sample``: sample a grid of images from the bundled or a local diffusers model."""
+"""``diffusolve sample``: sample a grid of images from the bundled model or a model folder.
+
+Everything that can be wrong with the arguments (output path, counts, guidance scale,
+solver and its options) is checked before the model runs. Randomness comes only from the
+per-sample seeds ``seed, seed+1, ...``: the starting noise of sample ``i`` and every
+stochastic step draw from seed ``seed + i``, so a run is reproducible and a sample does not
+depend on ``--n``.
+"""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import math
+import sys
 from typing import Any
 
 import torch
+from torch import Tensor
 
-__all__ = ["run_sample", "sample_shape"]
+__all__ = ["run_sample", "generate", "sample_shape", "parse_solver_options", "divergence_warning"]
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: images live in [-1, 1]; a result this many times larger has left the data range
+DIVERGENCE_FACTOR = 10.0
 
 
 def sample_shape(model: Any) -> tuple[int, ...]:
@@ -27,48 +40,140 @@ def sample_shape(model: Any) -> tuple[int, ...]:
     return (unet.config.in_channels, *size)
 
 
-def run_sample(args: argparse.Namespace) -> int:
-    from .images import save_grid
-    from .process import make_grid
-    from .solvers import get_solver, sample
-    from .solvers.noise import SeededNoise
+def _value(text: str) -> Any:
+    low = text.strip().lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    if low == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise FileExistsError(f"{out} exists; pass --force to overwrite it or choose another --out")
+
+def parse_solver_options(items: list[str] | None) -> dict[str, Any]:
+    """``["eta=0.5", "lower_order_final=false"]`` -> ``{"eta": 0.5, "lower_order_final":
+    False}`` (bool, int, float, ``none`` or else the string).
+
+    Example:
+        >>> parse_solver_options(["eta=0.5", "order=2", "lower_order_final=false", "variant=bh1"])
+        {'eta': 0.5, 'order': 2, 'lower_order_final': False, 'variant': 'bh1'}
+    """
+    opts: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--solver-option takes KEY=VALUE (e.g. eta=0.5), got {item!r}")
+        opts[key] = _value(text)
+    return opts
+
+
+def divergence_warning(x: Tensor, data_range: float = 1.0) -> str | None:
+    """A warning when samples left the data range ``[-data_range, data_range]`` by an order
+    of magnitude or more (a diverged solve), else None."""
+    peak = float(x.detach().abs().max()) if x.numel() else 0.0
+    if peak <= DIVERGENCE_FACTOR * data_range:
+        return None
+    return (
+        f"warning: the samples reach |x| = {peak:.3g}, far outside the data range "
+        f"[-{data_range:g}, {data_range:g}]: the solver probably diverged (try more --steps, "
+        "another --solver, or --dtype float64); the image shows them clipped"
+    )
+
+
+def _solver(args: argparse.Namespace) -> Any:
+    from .solvers import get_solver
+
+    opts = parse_solver_options(getattr(args, "solver_option", None))
+    try:
+        return get_solver(args.solver, **opts)
+    except TypeError as err:
+        raise ValueError(f"bad --solver-option for {args.solver}: {err}") from None
+
+
+def _check_args(args: argparse.Namespace) -> None:
     if args.n < 1:
-        raise ValueError("--n must be at least 1")
-    if args.model == "digits":
-        from .models import load
+        raise ValueError(f"--n must be at least 1, got {args.n}")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    if args.guidance is not None:
+        from .guidance import check_scale
 
-        model = load("digits", guidance=args.guidance)
-        label_count = 10
-    else:
-        from .guidance import ClassifierFreeGuidance
-        from .models.diffusers_adapter import load_diffusers
+        try:
+            check_scale(args.guidance)
+        except ValueError as err:
+            raise ValueError(f"--guidance: {err}") from None
 
-        model = load_diffusers(args.model)
-        label_count = getattr(getattr(model, "unet", None), "config", {}).get("num_class_embeds")
-        if args.guidance is not None:
-            if not label_count:
-                raise ValueError("--guidance needs a class-conditional model (num_class_embeds)")
-            model = ClassifierFreeGuidance(model, args.guidance, null_cond=label_count - 1)
+
+def generate(args: argparse.Namespace) -> tuple[Tensor, dict[str, Any]]:
+    """The samples ``[n, C, H, W]`` that ``diffusolve sample`` saves, and a summary."""
+    from .loading import load
+    from .models import LabelConditioned
+    from .process import make_grid
+    from .solvers import sample
+
+    _check_args(args)
+    solver = _solver(args)
+    dtype = DTYPES[getattr(args, "dtype", None) or "float32"]
+    grid_kind = args.grid or solver.natural_grid
+    model = load(args.model, guidance=args.guidance)
     cond = None
-    if args.label is not None:
-        if not label_count:
-            raise ValueError("--label needs a class-conditional model")
-        if not 0 <= args.label < label_count:
-            raise ValueError(f"--label must be in [0, {label_count - 1}], got {args.label}")
-        cond = torch.full((args.n,), args.label, dtype=torch.long)
-    elif label_count and args.model == "digits":
-        cond = torch.arange(args.n) % 10
-    solver = get_solver(args.solver)
-    grid = make_grid(model.process, args.steps, args.grid or solver.natural_grid)
-    shape = (args.n, *sample_shape(model))
-    xT = model.process.prior_sample(shape, noise=SeededNoise(range(args.seed, args.seed + args.n)))
+    if isinstance(model, LabelConditioned):
+        classes = model.num_classes
+        if args.label is not None:
+            if not 0 <= args.label < classes:
+                raise ValueError(f"--label must be in [0, {classes - 1}], got {args.label}")
+            cond = torch.full((args.n,), args.label, dtype=torch.long)
+        else:
+            cond = torch.arange(args.n) % classes  # every class in turn
+    elif args.label is not None:
+        raise ValueError(f"--label needs a class-conditional model; {args.model} is not one")
+    grid = make_grid(model.process, args.steps, grid_kind)
+    seeds = list(range(args.seed, args.seed + args.n))
+    xT = model.process.prior_sample((args.n, *sample_shape(model)), noise=seeds, dtype=dtype)
     stats: dict[str, Any] = {}
     with torch.no_grad():
-        x = sample(model, xT, grid, solver, cond=cond, stats=stats, progress=True)
+        x = sample(
+            model,
+            xT,
+            grid,
+            solver,
+            cond=cond,
+            noise=seeds,
+            stats=stats,
+            progress=sys.stderr.isatty(),
+        )
+    info = {"solver": solver.name, "grid": grid_kind, "nfe": stats.get("nfe"), "labels": cond}
+    return x, info
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    from ._paths import check_file_out
+    from .images import save_grid
+
+    out = check_file_out(args.out, force=args.force)
+    x, info = generate(args)
+    warning = divergence_warning(x)
+    if warning:
+        print(warning, file=sys.stderr)
     save_grid(x, out)
-    print(f"wrote {out}: {args.n} samples, solver {solver.name}, {stats['nfe']} model evaluations")
+    nrow = math.ceil(math.sqrt(x.shape[0]))
+    labels = "" if info["labels"] is None else f", labels {_describe(info['labels'], nrow)}"
+    print(
+        f"wrote {out}: {x.shape[0]} samples, solver {info['solver']} on its {info['grid']} "
+        f"grid, {info['nfe']} model evaluations{labels}"
+    )
     return 0
+
+
+def _describe(labels: Tensor, nrow: int) -> str:
+    values = labels.tolist()
+    if len(set(values)) == 1:
+        return str(values[0])
+    return f"{values[0]}, {values[1]}, ... in reading order ({nrow} a row)"

@@ -5,10 +5,19 @@ and velocity to x0 are affine in the prediction with the same ``x`` coefficient 
 branches, so guiding x0 is exactly the same as guiding epsilon (the usual formulation) or v.
 Both branches are evaluated in one batched network call, so every solver stage costs one
 call of the network (on a doubled batch).
+
+The scale convention (one, everywhere in diffusolve, CLI included): ``scale`` is the ``s``
+of ``x0 = x0_uncond + s * (x0_cond - x0_uncond)`` for every finite ``s >= 0``: ``0`` is
+the unconditional model, ``1`` the conditional one (no extra evaluation), ``s > 1``
+guidance. Above 1 this is diffusers' ``guidance_scale`` (``w + 1`` in Ho & Salimans);
+unlike diffusers' pipelines, which switch guidance off for ``guidance_scale <= 1``, values
+in ``[0, 1)`` interpolate towards the unconditional model. Negative and non-finite scales
+are refused.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,9 +25,10 @@ import torch
 from torch import Tensor
 
 from ..models.base import Denoiser
+from ..models.bundled import LabelConditioned
 from ..process import as_time
 
-__all__ = ["ClassifierFreeGuidance", "concat_cond"]
+__all__ = ["ClassifierFreeGuidance", "concat_cond", "classifier_free", "check_scale"]
 
 
 def _expand(c: Tensor, b: int) -> Tensor:
@@ -53,18 +63,34 @@ def concat_cond(cond: Any, null_cond: Any, b: int) -> Any:
     )
 
 
+def check_scale(scale: Any) -> float:
+    """``scale`` as a float if it is a valid guidance scale (finite, ``>= 0``), else a
+    ``ValueError`` that states the convention."""
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"the guidance scale must be a number, got {scale!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(
+            f"the guidance scale must be a finite number >= 0, got {scale!r} "
+            "(0 = unconditional, 1 = conditional without guidance, > 1 = guided)"
+        )
+    return value
+
+
 class ClassifierFreeGuidance(Denoiser):
     """``x0 = x0(x, t, null) + scale * (x0(x, t, cond) - x0(x, t, null))`` in one network call.
 
     Ho & Salimans, Classifier-Free Diffusion Guidance (2022). The conditional and
     unconditional branches are concatenated along the batch (``[x; x]`` with
     ``[cond; null_cond]``), so a solver stage calls ``model`` once. ``scale = 1`` is the
-    conditional model (no extra evaluation); ``scale = 0`` the unconditional one. (Our
-    ``scale`` is the ``guidance_scale`` of diffusers' pipelines, ``w + 1`` in the paper.)
+    conditional model (no extra evaluation); ``scale = 0`` the unconditional one; above 1
+    ``scale`` is diffusers' ``guidance_scale`` (``w + 1`` in the paper). See the module
+    docstring for the convention below 1.
 
     Args:
         model: a denoiser taking a condition (e.g. from :func:`from_diffusers`).
-        scale: the guidance scale.
+        scale: the guidance scale, finite and ``>= 0``.
         null_cond: the unconditional input, with the structure of ``cond`` (a tensor or a
             dict of tensors, batch size 1 or B): the "null" class label, the empty
             prompt's embedding, ...
@@ -83,7 +109,7 @@ class ClassifierFreeGuidance(Denoiser):
     def __init__(self, model: Any, scale: float, *, null_cond: Any) -> None:
         self.model = model
         self.process = model.process
-        self.scale = float(scale)
+        self.scale = check_scale(scale)
         self.null_cond = null_cond
 
     def denoise(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
@@ -98,3 +124,35 @@ class ClassifierFreeGuidance(Denoiser):
 
     def __repr__(self) -> str:
         return f"ClassifierFreeGuidance({self.model!r}, scale={self.scale:g})"
+
+
+def classifier_free(model: Any, scale: float, *, null_cond: Any = None) -> Denoiser:
+    """Classifier-free guidance at ``scale`` for ``model``.
+
+    A label model (:class:`~diffusolve.models.LabelConditioned`, what
+    :func:`diffusolve.models.load` returns for class-conditional UNets) keeps taking int
+    labels, and its null class is the unconditional input; any other denoiser needs
+    ``null_cond`` (e.g. the empty prompt's embedding).
+
+    Example:
+        >>> import torch
+        >>> from diffusolve.guidance import classifier_free
+        >>> from diffusolve.models import load
+        >>> guided = classifier_free(load("digits"), 2.0)
+        >>> with torch.no_grad():
+        ...     guided(torch.zeros(2, 1, 16, 16), 500.0, [3, 7]).shape
+        torch.Size([2, 1, 16, 16])
+    """
+    scale = check_scale(scale)
+    if isinstance(model, LabelConditioned):
+        if null_cond is not None:
+            raise ValueError("a label model's null class is fixed; do not pass null_cond")
+        inner = ClassifierFreeGuidance(model.model, scale, null_cond=torch.tensor([model.null]))
+        return LabelConditioned(inner, num_labels=model.num_labels, null=model.null)
+    if null_cond is None:
+        raise ValueError(
+            "classifier-free guidance needs the unconditional input: pass null_cond (for a "
+            "class-conditional diffusers UNet, load it with diffusolve.models.load, which "
+            "knows its null class)."
+        )
+    return ClassifierFreeGuidance(model, scale, null_cond=null_cond)

@@ -1,7 +1,18 @@
-"""Sample metrics against exact references (sliced Wasserstein and its noise floor, errors)."""
+"""Sample metrics against exact references (sliced Wasserstein and its noise floor, errors,
+Frechet distance). Depends on torch, numpy, scipy and POT only, never on other diffusolve
+modules; FD-digits is :func:`diffusolve.models.fd_digits`."""
 
-from .fd import digits_features, fd_digits, fd_digits_noise_floor, frechet_distance
+from .fd import MOVED, fd, frechet_distance
 from .sliced import random_projections, rel_error, sliced_wasserstein, sw_noise_floor
 
 __all__ = ["sliced_wasserstein", "sw_noise_floor", "rel_error", "random_projections"]
-__all__ += ["frechet_distance", "fd_digits", "fd_digits_noise_floor", "digits_features"]
+__all__ += ["frechet_distance", "fd"]
+
+
+def __getattr__(name: str):
+    if name in MOVED:
+        raise ImportError(
+            f"diffusolve.metrics.{name} moved to {MOVED[name]} (metrics no longer depends on "
+            f"the bundled model); use `from diffusolve.models import {name}`."
+        )
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,23 +1,23 @@
-"""Frechet distance and FD-digits (FID's recipe with the bundled digits classifier).
+"""Frechet distance between feature sets, and FD with a caller-given feature function.
 
 ``FD = |mu_a - mu_b|^2 + tr(C_a + C_b - 2 (C_a C_b)^{1/2})`` between Gaussians fitted to two
-feature sets (Heusel et al. 2017). FD-digits uses the penultimate features (64-d) of the
-bundled noise-aware digits classifier at ``t = t_min`` on 16x16 images in [-1, 1] and
-compares them with the held-out split of scikit-learn's digits (359 images). Like FID it is
-biased upward at small sample sizes: compare numbers only at equal sizes, and next to the
-noise floor :func:`fd_digits_noise_floor` (held-out vs a train subset of the same size).
+feature sets (Heusel et al. 2017). :func:`fd` applies a feature function (an Inception
+network for FID, the bundled digits classifier for FD-digits) to both sample sets first.
+Like FID it is biased upward at small sample sizes: compare numbers only at equal sizes.
+
+This module depends on torch, numpy and scipy only. FD-digits (the bundled classifier's
+features against the held-out digits) is :func:`diffusolve.models.fd_digits`.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["frechet_distance", "digits_features", "fd_digits", "fd_digits_noise_floor"]
+__all__ = ["frechet_distance", "fd"]
 
 
 def _np2d(x: Tensor | np.ndarray) -> np.ndarray:
@@ -63,77 +63,51 @@ def frechet_distance(feats_a: Tensor | np.ndarray, feats_b: Tensor | np.ndarray)
     return float(max(diff @ diff + np.trace(ca) + np.trace(cb) - 2.0 * np.trace(root), 0.0))
 
 
-def digits_features(
-    images: Tensor, *, classifier: Any = None, t: float | None = None, batch_size: int = 512
-) -> Tensor:
-    """Penultimate features ``[N, 64]`` of the digits classifier for images ``[N, 1, 16, 16]``
-    in [-1, 1], presented at ``t`` (default: the process's ``t_min``). No gradients."""
-    if images.ndim != 4 or tuple(images.shape[1:]) != (1, 16, 16):
-        raise ValueError(
-            f"FD-digits needs images of shape [N, 1, 16, 16] in [-1, 1], got {tuple(images.shape)}"
-        )
-    if classifier is None:
-        from ..models.bundled import load_classifier
-
-        classifier = load_classifier()
-    t = 0.0 if t is None else float(t)
-    x = images.detach().to("cpu", torch.float32)
-    with torch.no_grad():
-        feats = [
-            classifier.features(x[i : i + batch_size], t) for i in range(0, len(x), batch_size)
-        ]
-    return torch.cat(feats).to(torch.float64)
-
-
-@lru_cache(maxsize=4)
-def _reference_features(part: str) -> Tensor:
-    from ..train.data import load_digits
-
-    x, _ = load_digits(part)
-    return digits_features(x)
-
-
-def fd_digits(samples: Tensor, reference: str | Tensor = "heldout") -> float:
-    """FD-digits of ``samples`` ``[N, 1, 16, 16]`` (in [-1, 1]) against ``reference``.
-
-    Args:
-        samples: generated digits.
-        reference: ``"heldout"`` (the 359 held-out digits, default), ``"train"`` (1,438), or
-            a tensor of reference images.
-
-    The figure depends on ``N`` (small-sample bias); the model card states it for 1,000
-    samples together with the noise floor.
+def fd(
+    x: Tensor,
+    y: Tensor,
+    features: Callable[[Tensor], Tensor | np.ndarray],
+    *,
+    batch_size: int | None = None,
+) -> float:
+    """Frechet distance between ``features(x)`` and ``features(y)`` (see
+    :func:`frechet_distance`). ``features`` maps a batch ``[n, ...]`` to ``[n, D]``; with
+    ``batch_size`` it is applied in chunks of that size. No gradients are recorded.
 
     Example:
-        >>> from diffusolve.metrics.fd import fd_digits
-        >>> from diffusolve.train.data import load_digits
-        >>> fd_digits(load_digits("heldout")[0]) < 1e-6
-        True
+        >>> import torch
+        >>> from diffusolve.metrics import fd
+        >>> x = torch.randn(500, 2, generator=torch.Generator().manual_seed(0))
+        >>> round(fd(x, x + 1.0, lambda z: 2.0 * z), 6)  # features double the shift: |(2, 2)|^2
+        8.0
     """
-    if isinstance(reference, str):
-        if reference not in ("heldout", "train"):
-            raise ValueError(f"reference must be 'heldout', 'train' or images, got {reference!r}")
-        ref = _reference_features(reference)
-    else:
-        ref = digits_features(reference)
-    return frechet_distance(digits_features(samples), ref)
+    return frechet_distance(_features(x, features, batch_size), _features(y, features, batch_size))
 
 
-def fd_digits_noise_floor(n: int | None = None, seed: int = 0) -> float:
-    """FD-digits between the held-out split and ``n`` train images (default: as many as the
-    held-out split, 359), drawn without replacement with ``seed`` and class-balanced like the
-    model card's samples (label ``i % 10`` for the ``i``-th image): the distance between two
-    sets of real digits, i.e. the scale of a perfect model's FD at that size."""
-    from ..train.data import load_digits
+def _features(x: Tensor, features: Callable, batch_size: int | None) -> Tensor | np.ndarray:
+    if batch_size is not None and int(batch_size) < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    with torch.no_grad():
+        if batch_size is None:
+            return features(x)
+        parts = [features(x[i : i + batch_size]) for i in range(0, len(x), int(batch_size))]
+    if parts and isinstance(parts[0], Tensor):
+        return torch.cat([p.detach().to("cpu", torch.float64) for p in parts])
+    return np.concatenate([np.asarray(p, dtype=np.float64) for p in parts])
 
-    x, y = load_digits("train")
-    n = len(_reference_features("heldout")) if n is None else int(n)
-    per_class = torch.bincount(torch.arange(n) % 10, minlength=10)
-    if n < 2 or bool((per_class > torch.bincount(y, minlength=10)).any()):
-        raise ValueError(f"n must be in [2, {10 * int(torch.bincount(y).min())}], got {n}")
-    gen = torch.Generator().manual_seed(seed)
-    idx = []
-    for c in range(10):
-        pool = torch.nonzero(y == c).flatten()
-        idx.append(pool[torch.randperm(len(pool), generator=gen)[: int(per_class[c])]])
-    return fd_digits(x[torch.cat(idx)], "heldout")
+
+#: names that moved to :mod:`diffusolve.models` (metrics must not import models)
+MOVED = {
+    "fd_digits": "diffusolve.models.fd_digits",
+    "fd_digits_noise_floor": "diffusolve.models.fd_digits_noise_floor",
+    "digits_features": "diffusolve.models.digits_features",
+}
+
+
+def __getattr__(name: str):
+    if name in MOVED:
+        raise ImportError(
+            f"diffusolve.metrics.{name} moved to {MOVED[name]} (metrics no longer depends on "
+            f"the bundled model); use `from diffusolve.models import {name}`."
+        )
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

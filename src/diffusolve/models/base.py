@@ -2,7 +2,8 @@
 
 A denoiser returns the Tweedie estimate ``E[x0 | x_t = x]`` for a batch ``x`` at time ``t``
 of its :class:`~diffusolve.process.Process`. ``t`` is a float64 tensor, either 0-d (one
-time for the batch) or of shape ``[B]``. Every other parameterisation (epsilon, v, score,
+time for the batch) or of shape ``[B]``. (Networks wrapped by :func:`from_callable` get it
+in their own dtype; see :class:`CallableDenoiser`.) Every other parameterisation (epsilon, v, score,
 flow velocity) is converted with :mod:`diffusolve.process.param`.
 """
 
@@ -56,23 +57,48 @@ class Denoiser:
 
 
 class CallableDenoiser(Denoiser):
-    """Wrap any callable ``fn(x, t, cond) -> prediction`` with a declared prediction type.
+    """Wrap any network or callable ``fn(x, t[, cond]) -> prediction`` with a declared
+    prediction type.
 
     Args:
-        fn: the network. Called as ``fn(x, time_map(t), cond)`` or, with
-            ``accepts_cond=False``, ``fn(x, time_map(t))``.
+        fn: the network: a ``torch.nn.Module`` (its ``forward`` is inspected) or any callable.
         process: the process the network was trained on.
         prediction: one of ``"epsilon"``, ``"x0"``, ``"v"``, ``"score"``, ``"velocity"``.
-        time_map: converts process time to the network's time input (default identity).
-        accepts_cond: whether ``fn`` takes a third ``cond`` argument.
+        time_map: converts process time (float64) to the network's time input (default
+            identity), e.g. ``lambda t: t * 1000`` for a network trained on ``t * 1000``.
+        accepts_cond: whether ``fn`` takes ``cond``. By default it is read from the
+            signature: ``cond`` goes to a parameter named ``cond`` (by keyword), else to a
+            third positional parameter *without* a default (``def f(x, t, y)``); never to a
+            parameter with a default (``def f(x, t, scale=1.0)`` gets no ``cond``). When the
+            signature cannot tell (``*args``, builtins), ``cond`` is passed only when it is
+            not ``None``.
+        batch_time: pass ``t`` as a 1-D tensor ``[B]`` (one time per sample). Default: yes
+            for a ``torch.nn.Module`` (networks with time embeddings expect ``[B]``), and
+            ``t`` as the solver gives it (0-d for a time shared by the batch, or ``[B]``)
+            for other callables.
+
+    How the network is called: ``x`` in the network's dtype (a module's first floating
+    parameter or buffer; ``x``'s dtype for other callables), ``t`` (after ``time_map``, if
+    it is floating) in the same dtype on ``x``'s device; the output is converted back to
+    ``x``'s dtype and then to the x0 estimate.
 
     Example:
         >>> import torch
+        >>> from torch import nn
         >>> from diffusolve.process import vp_linear
         >>> from diffusolve.models import from_callable
-        >>> model = from_callable(lambda x, t: torch.zeros_like(x), vp_linear(), "epsilon")
+        >>> class Net(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.lin = nn.Linear(4, 3)
+        ...     def forward(self, x, t):  # t: [B], in the module's dtype
+        ...         return self.lin(torch.cat([x, t[:, None]], dim=1))
+        >>> model = from_callable(Net(), vp_linear(), "epsilon")
+        >>> model(torch.ones(2, 3, dtype=torch.float64), 0.5).dtype
+        torch.float64
+        >>> zero = from_callable(lambda x, t: torch.zeros_like(x), vp_linear(), "epsilon")
         >>> x = torch.ones(2, 3)
-        >>> torch.allclose(model(x, 0.5), x / vp_linear().alpha(0.5).float())
+        >>> torch.allclose(zero(x, 0.5), x / vp_linear().alpha(0.5).float())
         True
     """
 
@@ -84,45 +110,93 @@ class CallableDenoiser(Denoiser):
         *,
         time_map: Callable[[Tensor], Tensor] | None = None,
         accepts_cond: bool | None = None,
+        batch_time: bool | None = None,
     ) -> None:
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        if not callable(fn):
+            raise TypeError(f"fn must be a network or a callable, got {type(fn).__name__}")
         self.fn = fn
         self.process = process
         self.prediction = prediction
         self.time_map = time_map
-        if accepts_cond is None:
-            accepts_cond = _takes_three_args(fn)
-        self.accepts_cond = accepts_cond
+        self.is_module = isinstance(fn, torch.nn.Module)
+        mode = _cond_mode(fn)
+        if accepts_cond is True:
+            mode = "keyword" if mode == "keyword" else "positional"
+        elif accepts_cond is False:
+            mode = "none"
+        self.cond_mode = mode
+        self.accepts_cond = mode != "none"
+        self.batch_time = self.is_module if batch_time is None else bool(batch_time)
+
+    def _net_dtype(self, x: Tensor) -> torch.dtype:
+        if self.is_module:
+            for tensor in (*self.fn.parameters(), *self.fn.buffers()):
+                if tensor.is_floating_point():
+                    return tensor.dtype
+        return x.dtype
 
     def denoise(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
-        tin = self.time_map(t) if self.time_map is not None else t
-        if self.accepts_cond:
-            out = self.fn(x, tin, cond)
+        b = x.shape[0]
+        tin = t
+        if self.batch_time:
+            if tin.ndim == 0:
+                tin = tin.expand(b)
+            elif tin.shape != (b,):
+                raise ValueError(f"t must be 0-d or of shape [{b}], got {tuple(tin.shape)}.")
+        if self.time_map is not None:
+            tin = self.time_map(tin)
+        dt = self._net_dtype(x)
+        if isinstance(tin, Tensor):
+            tin = tin.to(device=x.device, dtype=dt if tin.is_floating_point() else None)
+        xin = x.to(dt)
+        mode = self.cond_mode
+        if mode == "auto":
+            mode = "none" if cond is None else "positional"
+        if mode == "positional":
+            out = self.fn(xin, tin, cond)
+        elif mode == "keyword":
+            out = self.fn(xin, tin, cond=cond)
         else:
             if cond is not None:
-                raise ValueError("this model was wrapped with accepts_cond=False but got a cond.")
-            out = self.fn(x, tin)
+                raise ValueError(
+                    "this network takes no cond (its signature has no `cond` parameter and "
+                    "no third positional one without a default); pass accepts_cond=True to "
+                    "from_callable to force it."
+                )
+            out = self.fn(xin, tin)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"the network returned {type(out).__name__}, expected a tensor")
         if out.shape != x.shape:
             raise ValueError(
                 f"the model returned shape {tuple(out.shape)} for input shape {tuple(x.shape)}; "
                 "a denoiser's output must have the input's shape."
             )
-        return to_x0(self.process, x, t, out, self.prediction)
+        return to_x0(self.process, x, t, out.to(x.dtype), self.prediction)
 
 
-def _takes_three_args(fn: Callable[..., Any]) -> bool:
+def _cond_mode(fn: Callable[..., Any]) -> str:
+    """How to pass ``cond`` to ``fn``: ``"keyword"`` (a parameter named ``cond``),
+    ``"positional"`` (a third positional parameter without a default), ``"none"``, or
+    ``"auto"`` (the signature cannot tell: pass cond only when it is not None)."""
     import inspect
 
+    target = fn.forward if isinstance(fn, torch.nn.Module) else fn
     try:
-        sig = inspect.signature(fn)
+        sig = inspect.signature(target)
     except (TypeError, ValueError):
-        return False
-    params = [
-        p for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
-    has_var = any(p.kind == p.VAR_POSITIONAL for p in sig.parameters.values())
-    return has_var or len(params) >= 3
+        return "auto"
+    params = list(sig.parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    named = sig.parameters.get("cond")
+    if named is not None:
+        return "positional" if named.kind == named.POSITIONAL_ONLY else "keyword"
+    if len(positional) >= 3 and positional[2].default is inspect.Parameter.empty:
+        return "positional"
+    if len(positional) < 3 and any(p.kind == p.VAR_POSITIONAL for p in params):
+        return "auto"
+    return "none"
 
 
 def from_callable(
@@ -131,7 +205,8 @@ def from_callable(
     prediction: str = "epsilon",
     **kwargs: Any,
 ) -> CallableDenoiser:
-    """Shorthand for :class:`CallableDenoiser`."""
+    """Wrap a network (``torch.nn.Module`` or callable) as a Denoiser; see
+    :class:`CallableDenoiser` for how ``x``, ``t`` and ``cond`` are passed."""
     return CallableDenoiser(fn, process, prediction, **kwargs)
 
 

@@ -40,6 +40,7 @@ class LabelConditioned(Denoiser):
 
     ``cond`` may be an int (one label for the batch), a sequence of ints or an integer
     tensor of shape ``[B]`` or ``[1]``; ``None`` means the null class (unconditional).
+    ``num_labels`` counts the null class; the real classes are ``0 .. num_classes - 1``.
     """
 
     def __init__(self, model: Any, num_labels: int = _NUM_LABELS, null: int = NULL_CLASS) -> None:
@@ -47,6 +48,11 @@ class LabelConditioned(Denoiser):
         self.process = model.process
         self.num_labels = int(num_labels)
         self.null = int(null)
+
+    @property
+    def num_classes(self) -> int:
+        """The number of real classes (labels other than the null class)."""
+        return self.num_labels - 1
 
     def labels(self, cond: Any, batch: int, device: torch.device) -> Tensor:
         if cond is None:
@@ -73,42 +79,75 @@ class LabelConditioned(Denoiser):
 
 
 def load(
-    name: str = "digits", *, guidance: float | None = None, dtype: torch.dtype = torch.float32
+    name: str | Path = "digits",
+    *,
+    dtype: torch.dtype = torch.float32,
+    guidance: float | None = None,
 ) -> Denoiser:
-    """The bundled model ``name`` as a ready :class:`Denoiser` (``cond`` = int labels).
+    """A bundled model or a local diffusers folder as a ready :class:`Denoiser`.
 
-    Loads the packaged diffusers folder with ``from_pretrained`` (local files only, safetensors,
-    never the network). With ``guidance=w`` the model is wrapped in classifier-free guidance
-    (diffusers' ``guidance_scale`` convention: 1 = conditional, 0 = unconditional) with the
-    null class 10. The UNet's parameters do not require gradients; gradients with respect to
-    ``x`` still flow (the caller owns autograd).
+    Args:
+        name: a bundled model name (``"digits"``) or the path of a diffusers folder, e.g. one
+            written by ``diffusolve train digits --out my-digits``.
+        dtype: the network's dtype.
+
+    Loads with ``from_pretrained`` (local files only, safetensors, never the network). The
+    UNet's parameters do not require gradients; gradients with respect to ``x`` still flow
+    (the caller owns autograd). A class-conditional UNet (``num_class_embeds = K``) is
+    wrapped in :class:`LabelConditioned`: ``cond`` takes int labels ``0 .. K-2`` and the last
+    label ``K-1`` is the null (unconditional) class, as in the models ``diffusolve train``
+    writes (``K = 11`` for digits: classes 0-9, null 10); ``cond=None`` means the null class.
+
+    Classifier-free guidance is a layer above models: ``diffusolve.load(name, guidance=w)``
+    or :func:`diffusolve.guidance.classifier_free`.
 
     Example:
         >>> import torch
         >>> from diffusolve import sample
         >>> from diffusolve.models import load
-        >>> model = load("digits", guidance=2.0)
-        >>> x = model.process.prior_sample((4, 1, 16, 16), torch.Generator().manual_seed(0))
+        >>> model = load("digits")
+        >>> x = model.process.prior_sample((4, 1, 16, 16), noise=0)
         >>> with torch.no_grad():
         ...     digits = sample(model, x, 20, "ddim", cond=torch.tensor([0, 1, 2, 3]))
         >>> digits.shape
         torch.Size([4, 1, 16, 16])
     """
-    from ..guidance import ClassifierFreeGuidance
     from .diffusers_adapter import load_diffusers
 
-    base = load_diffusers(asset_dir(name), dtype=dtype)
-    base.unet.eval().requires_grad_(False)
-    model: Denoiser = base
     if guidance is not None:
-        model = ClassifierFreeGuidance(base, float(guidance), null_cond=torch.tensor([NULL_CLASS]))
-    return LabelConditioned(model)
+        raise TypeError(
+            "diffusolve.models.load no longer applies classifier-free guidance (models sit "
+            "below guidance); use diffusolve.load(name, guidance=w), or "
+            "diffusolve.guidance.classifier_free(diffusolve.models.load(name), w)."
+        )
+    folder = _resolve(name)
+    base = load_diffusers(folder, dtype=dtype)
+    base.unet.eval().requires_grad_(False)
+    k = getattr(getattr(base.unet, "config", None), "num_class_embeds", None)
+    if k:
+        if int(k) < 2:
+            raise ValueError(f"{folder}: num_class_embeds={k}; a label model needs at least 2")
+        return LabelConditioned(base, num_labels=int(k), null=int(k) - 1)
+    return base
+
+
+def _resolve(name: str | Path) -> Path:
+    """The folder of bundled model ``name``, or ``name`` itself when it is a folder."""
+    if isinstance(name, str) and name in BUNDLED:
+        return asset_dir(name)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    raise ValueError(
+        f"unknown bundled model {str(name)!r}; available: {', '.join(BUNDLED)}, or the path "
+        "of a local diffusers folder (e.g. one written by `diffusolve train digits --out DIR`)"
+    )
 
 
 def load_classifier(name: str = "digits") -> torch.nn.Module:
     """The bundled noise-aware classifier of ``name`` (``net(x_t, t) -> logits``,
     ``net.features(x_t, t)`` for FD-digits), in eval mode, parameters frozen."""
-    from ..train.classifier import load_classifier_from
+    from .classifier import load_classifier_from
 
     if name not in BUNDLED:
         raise ValueError(f"unknown bundled model {name!r}; available: {BUNDLED}")

@@ -14,6 +14,7 @@ diffusers is imported lazily, only when a model is loaded.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -294,5 +295,21 @@ def load_diffusers(
     kwargs: dict[str, Any] = {"use_safetensors": True, "local_files_only": True}
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
-    unet = unet_cls.from_pretrained(str(unet_dir), **kwargs)
+    if importlib.util.find_spec("accelerate") is None:
+        # what diffusers falls back to anyway, without its "install accelerate" warning
+        kwargs["low_cpu_mem_usage"] = False
+    try:
+        unet = unet_cls.from_pretrained(str(unet_dir), **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"cannot load the UNet weights in {unet_dir}: {_first_line(err)}. The file is "
+            "corrupt, incomplete or does not match config.json; copy or re-train the folder "
+            "(e.g. `diffusolve train digits --out DIR --force`)."
+        ) from None
     return from_diffusers(unet, sched_cfg)
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of an exception's message (chained library errors can be long)."""
+    text = str(err).strip()
+    return text.splitlines()[0].rstrip(". ") if text else type(err).__name__

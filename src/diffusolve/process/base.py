@@ -12,12 +12,12 @@ that step coefficients are computed in double precision whatever the sample dtyp
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["Process", "as_time"]
+__all__ = ["Process", "as_time", "seeded_normal"]
 
 
 def as_time(t: Tensor | float) -> Tensor:
@@ -25,6 +25,34 @@ def as_time(t: Tensor | float) -> Tensor:
     if isinstance(t, Tensor):
         return t.to(torch.float64)
     return torch.tensor(float(t), dtype=torch.float64)
+
+
+def seeded_normal(
+    seeds: Sequence[int],
+    shape: tuple[int, ...],
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Standard normal noise of ``shape`` with sample ``i`` drawn from its own generator
+    seeded with ``seeds[i]`` (in float64 on the CPU, so the values depend on neither dtype
+    nor device nor batch)."""
+    seeds = list(seeds)
+    if not shape or len(seeds) != shape[0]:
+        raise ValueError(
+            f"{len(seeds)} seeds for a batch of {shape[0] if shape else 0}; give one seed per "
+            "sample (or one int seed for seeds s, s+1, ...)"
+        )
+    out = torch.stack(
+        [
+            torch.randn(
+                tuple(shape[1:]),
+                generator=torch.Generator().manual_seed(int(s)),
+                dtype=torch.float64,
+            )
+            for s in seeds
+        ]
+    )
+    return out.to(dtype=dtype, device=device)
 
 
 class Process:
@@ -133,17 +161,49 @@ class Process:
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
-        noise: Callable[..., Tensor] | None = None,
+        noise: int | Sequence[int] | torch.Generator | Callable[..., Tensor] | None = None,
     ) -> Tensor:
         """A sample of ``x_{t_max}`` for zero-mean unit-scale data: ``sigma(t_max) * eps``.
 
-        ``noise`` (a :class:`diffusolve.solvers.noise.NoiseSource`) gives per-sample seeded
-        noise; otherwise ``generator`` is used.
+        ``noise`` takes the same values as :func:`diffusolve.sample`'s: an int seed ``s``
+        (per-sample seeds ``s, s+1, ...``), a list of per-sample seeds, a
+        ``torch.Generator`` or a noise source (``noise(shape, dtype=, device=)``, e.g.
+        :class:`diffusolve.solvers.SeededNoise`). With per-sample seeds a sample's noise
+        does not depend on its batch, and equals what ``SeededNoise`` draws. Otherwise
+        ``generator`` (positional) is used.
+
+        Example:
+            >>> from diffusolve.process import ddpm
+            >>> a = ddpm().prior_sample((3, 2), noise=5)
+            >>> b = ddpm().prior_sample((1, 2), noise=[7])
+            >>> bool(torch.equal(a[2], b[0]))
+            True
         """
-        if noise is not None:
-            eps = noise(tuple(shape), dtype=dtype, device=device)
+        shape = tuple(shape)
+        if isinstance(noise, torch.Generator):
+            if generator is not None:
+                raise ValueError("pass either generator or noise, not both")
+            generator, noise = noise, None
+        if noise is None:
+            eps = torch.randn(shape, generator=generator, dtype=dtype, device=device)
         else:
-            eps = torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
+            if generator is not None:
+                raise ValueError("pass either generator or noise, not both")
+            if isinstance(noise, (bool, str, bytes)):
+                raise TypeError("noise must be an int seed, a list of seeds or a noise source")
+            if isinstance(noise, int):
+                eps = seeded_normal(range(noise, noise + shape[0]), shape, dtype, device)
+            elif isinstance(noise, Sequence) or (
+                isinstance(noise, Tensor) and noise.ndim == 1 and not noise.is_floating_point()
+            ):
+                eps = seeded_normal([int(s) for s in noise], shape, dtype, device)
+            elif callable(noise):
+                eps = noise(shape, dtype=dtype, device=device)
+            else:
+                raise TypeError(
+                    f"noise must be an int seed, a list of per-sample seeds, a torch.Generator "
+                    f"or a noise source, got {type(noise).__name__}"
+                )
         return eps * float(self.sigma(self.t_max))
 
     def marginal(self, x0: Tensor, t: Tensor | float, eps: Tensor) -> Tensor:

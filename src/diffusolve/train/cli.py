@@ -9,21 +9,20 @@ from typing import Any
 __all__ = ["register", "main"]
 
 
-def _check_out(out: str, files: tuple[str, ...], force: bool) -> None:
-    """Refuse to overwrite earlier results (the packaged weights included) without --force."""
-    from pathlib import Path
+def _check_args(args: argparse.Namespace, outputs: tuple[str, ...]) -> None:
+    """Before any work: --out is a usable folder without earlier results (the packaged
+    weights included) unless --force, and the counts are positive."""
+    from .._paths import check_dir_out
 
-    existing = [f for f in files if (Path(out) / f).exists()]
-    if existing and not force:
-        raise FileExistsError(
-            f"{out} already holds {', '.join(existing)}; pass --force to overwrite, or choose "
-            "another --out"
-        )
+    check_dir_out(args.out, files=outputs, force=args.force)
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
 
 
 def _run(args: argparse.Namespace, config_cls: Any, train: Any, outputs: tuple[str, ...]) -> int:
     """Shared body of the train sub-commands: guard the output, apply overrides, train."""
-    _check_out(args.out, outputs, args.force)
+    _check_args(args, outputs)
     cfg = config_cls(seed=args.seed)
     if args.steps is not None:
         cfg.steps = args.steps

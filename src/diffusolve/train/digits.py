@@ -2,7 +2,7 @@
 
 Recipe (recorded in ``assets/digits/MODEL_CARD.md`` and ``train_info.json``):
 
-- data: :func:`diffusolve.train.data.load_digits` (train split, 16x16, [-1, 1]);
+- data: :func:`diffusolve.models.data.load_digits` (train split, 16x16, [-1, 1]);
 - process: DDPM, linear betas 1e-4..0.02, 1,000 training timesteps (diffusers
   ``DDPMScheduler``; :func:`diffusolve.process.from_scheduler_config` maps its config onto
   :func:`diffusolve.process.ddpm`);
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .data import NUM_CLASSES, load_digits
+from ..models.data import NUM_CLASSES, load_digits
 
 __all__ = [
     "DigitsConfig",
@@ -248,10 +248,12 @@ def evaluate_digits(
 ) -> dict[str, Any]:
     """FD-digits (vs the held-out split) and classifier agreement of ``n`` samples of the
     bundled model, ``n / 10`` per class, with ``solver`` on a ``steps``-step logSNR grid."""
-    from ..metrics.fd import fd_digits
-    from ..models.bundled import load, load_classifier
+    from ..guidance import classifier_free
+    from ..models import fd_digits, load, load_classifier
 
-    model = load("digits", guidance=guidance)
+    model = load("digits")
+    if guidance is not None:
+        model = classifier_free(model, guidance)
     labels = torch.arange(n) % NUM_CLASSES
     start = time.perf_counter()
     xs = sample_digits(model, labels, steps, solver, seed=seed)
