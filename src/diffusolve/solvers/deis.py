@@ -24,10 +24,11 @@ import torch
 from torch import Tensor
 
 from ..process import Process
-from .base import BoundModel, Solver, StepContext, alias, check_choice, register
+from .base import BoundModel, StepContext, alias, check_choice, register
 from .multistep import (
     LOWER_ORDER_FINAL,
     History,
+    MultistepSolver,
     MultistepState,
     Record,
     check_lower_order_final,
@@ -110,7 +111,7 @@ def rhoab_coefficients(sig: Sequence[float], sig_next: float) -> np.ndarray:
     "ICLR 2023 (iPNDM, variable-step form)",
 )
 @dataclass(frozen=True)
-class DEIS(Solver):
+class DEIS(MultistepSolver):
     """DEIS multistep exponential integrator, ``tAB-k`` or ``rhoAB-k``. Order ``k``.
 
     Zhang & Chen, "Fast Sampling of Diffusion Models with Exponential Integrator",
@@ -160,7 +161,6 @@ class DEIS(Solver):
     lower_order_final: bool | str = False
     natural_grid: str = "time_quadratic"  # type: ignore[misc]
 
-    multistep = True
     prediction = "noise"
     citation = (
         "Zhang & Chen, Fast Sampling of Diffusion Models with Exponential Integrator, ICLR 2023"
@@ -172,9 +172,6 @@ class DEIS(Solver):
         check_choice("variant", self.variant, VARIANTS)
         check_lower_order_final(self.lower_order_final)
         check_choice("natural_grid", self.natural_grid, GRID_KINDS)
-
-    def init(self, model: BoundModel, x: Tensor) -> MultistepState:
-        return MultistepState()
 
     def coefficients(self, process: Process, times: Sequence[float], t_next: float) -> np.ndarray:
         """The weights ``C_j`` (float64) for history ``times`` (current first)."""

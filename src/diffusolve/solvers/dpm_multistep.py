@@ -14,12 +14,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import BoundModel, Solver, StepContext, alias, check_choice, register
+from .base import BoundModel, StepContext, alias, check_choice, register
 from .dpm_solver import LU_2022, LU_2022_PP
 from .expint import PREDICTIONS, ExpStep
 from .multistep import (
     LOWER_ORDER_FINAL,
     History,
+    MultistepSolver,
     MultistepState,
     Record,
     check_lower_order_final,
@@ -38,7 +39,7 @@ ALGORITHMS = ("ode", "sde")
 @register("dpmpp_3m", solver_order=3)
 @register("sde_dpmpp_2m", solver_order=2, algorithm="sde")
 @dataclass(frozen=True)
-class DPMSolverMultistep(Solver):
+class DPMSolverMultistep(MultistepSolver):
     """Multistep DPM-Solver(++) 2M/3M (DPM-Solver++ paper, Algorithm 2 and Appendix) and
     SDE-DPM-Solver++(2M).
 
@@ -97,7 +98,6 @@ class DPMSolverMultistep(Solver):
     third_order: str = "taylor"
     algorithm: str = "ode"
 
-    multistep = True
     citation = LU_2022_PP
     SEARCH = {"lower_order_final": LOWER_ORDER_FINAL}
 
@@ -126,9 +126,6 @@ class DPMSolverMultistep(Solver):
     @property
     def stochastic(self) -> bool:  # type: ignore[override]
         return self.algorithm == "sde"
-
-    def init(self, model: BoundModel, x: Tensor) -> MultistepState:
-        return MultistepState()
 
     def step(
         self,

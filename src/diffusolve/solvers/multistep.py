@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .base import StepContext, check_choice
+from .base import BoundModel, Solver, StepContext, check_choice
 
 __all__ = [
+    "MultistepSolver",
     "Record",
     "History",
     "MultistepState",
@@ -60,6 +61,16 @@ class MultistepState:
     """The state of a multistep solver: its history of model outputs."""
 
     hist: History = History()
+
+
+@dataclass(frozen=True)
+class MultistepSolver(Solver):
+    """Base of the solvers whose state is a :class:`MultistepState` (one history)."""
+
+    multistep = True
+
+    def init(self, model: BoundModel, x: Tensor) -> MultistepState:
+        return MultistepState()
 
 
 def check_lower_order_final(value: bool | str) -> bool | str:

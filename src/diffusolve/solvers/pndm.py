@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .base import BoundModel, Solver, StepContext, check_choice, register
+from .base import BoundModel, StepContext, check_choice, register
 from .deis import GRID_KINDS
-from .multistep import History, MultistepState, Record
+from .multistep import History, MultistepSolver, MultistepState, Record
 
 __all__ = ["PNDM", "PLMS", "ddim_transfer", "AB_COEFFICIENTS"]
 
@@ -68,7 +68,7 @@ def _newest_first(hist: History, k: int) -> list[Tensor]:
 
 @register("pndm")
 @dataclass(frozen=True)
-class PNDM(Solver):
+class PNDM(MultistepSolver):
     """F-PNDM: pseudo Runge-Kutta warm start, then pseudo linear multistep. Order 2.
 
     Liu, Ren, Lin & Zhao, "Pseudo Numerical Methods for Diffusion Models on Manifolds",
@@ -104,7 +104,6 @@ class PNDM(Solver):
     """
 
     order = 2
-    multistep = True
     prediction = "noise"
     natural_grid = "time_uniform"
     citation = LIU_2022
@@ -112,9 +111,6 @@ class PNDM(Solver):
     def nfe(self, n_steps: int) -> int:
         n = int(n_steps)
         return 4 * min(n, _RK_STEPS) + max(n - _RK_STEPS, 0)
-
-    def init(self, model: BoundModel, x: Tensor) -> MultistepState:
-        return MultistepState()
 
     def step(
         self,
@@ -142,7 +138,7 @@ class PNDM(Solver):
 @register("plms")
 @register("ipndm", natural_grid="karras", citation=ZHANG_2023 + " (iPNDM)")
 @dataclass(frozen=True)
-class PLMS(Solver):
+class PLMS(MultistepSolver):
     """PLMS / iPNDM: pseudo linear multistep with a lower-order multistep warm start. Order 2.
 
     Liu, Ren, Lin & Zhao, "Pseudo Numerical Methods for Diffusion Models on Manifolds",
@@ -174,7 +170,6 @@ class PLMS(Solver):
     lms_order: int = 4
     natural_grid: str = "time_uniform"  # type: ignore[misc]
 
-    multistep = True
     prediction = "noise"
     citation = LIU_2022
 
@@ -185,9 +180,6 @@ class PLMS(Solver):
     @property
     def order(self) -> int:  # type: ignore[override]
         return min(self.lms_order, 2)
-
-    def init(self, model: BoundModel, x: Tensor) -> MultistepState:
-        return MultistepState()
 
     def step(
         self,
