@@ -211,15 +211,17 @@ def plot_errors(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
                     ax.loglog(xs, ys, style, ms=4, lw=1.2, label=f"{method} ({lib})", **kw)
                 bad = [r["nfe"] for r in rows if r.get("diverged")]
                 if bad:
-                    ax.loglog(bad, [clip] * len(bad), "x", ms=7, color=kw["color"])
+                    label = None if pts else f"{method} ({lib}, diverged)"
+                    ax.loglog(bad, [clip] * len(bad), "x", ms=7, color=kw["color"], label=label)
             ax.set_title(title, fontsize=9)
             ax.grid(True, which="major", alpha=0.3)
             if ax.get_legend_handles_labels()[1]:
-                ax.legend(fontsize=6, loc="lower left")
+                ax.legend(fontsize=6, loc="best", framealpha=0.6)
         for ax in list(axes.flat)[len(panels) :]:
             ax.axis("off")
         for ax in axes.flat:
             ax.set_xticks(nfes, [str(n) for n in nfes])
+            ax.tick_params(labelbottom=True)
             ax.minorticks_off()
         ax0 = axes.flat[0]
         lo, _ = ax0.get_ylim()
