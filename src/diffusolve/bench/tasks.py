@@ -138,7 +138,7 @@ def prior_for(name: str, seed: int = 0) -> Any:
 def _network_task(name: str, n_samples: int, seed: int, sw_projections: int) -> Task:
     """The bundled digits UNet: reference = 1000-step dpmpp_3m solve in float64."""
     from ..models import load
-    from ..train.data import load_digits
+    from ..models.data import load_digits
 
     # the UNet runs in float32 (float64 convolutions are ~6x slower on CPU); the solver state
     # and coefficients stay float64. cond None = the null class (unconditional)
