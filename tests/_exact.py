@@ -35,11 +35,13 @@ size) is to break a correct sampler's test. It is not a fudge factor: tolerances
   alpha_cov`` up to the normal approximation of the off-diagonal entries, which is accurate
   to a few percent of ``alpha`` for ``n >= 1000``.
 * sliced Wasserstein: ``R`` independent noise-floor values ``f_1..f_R`` (exact vs exact,
-  size ``n``); the statistic is ``SW(samples, exact set)``, which for an exact sampler has
-  the floor's distribution. The bound is the one-sided normal prediction bound
-  ``mean(f) + t_{R-1}(1 - alpha) sd(f) sqrt(1 + 1/R)``: false-alarm rate ``alpha`` when the
-  floor values are normal (they are averages over many projections of smooth functionals;
-  their empirical skewness at these sizes is small).
+  size ``n``, the same projection directions); the statistic is ``SW(samples, exact set)``,
+  which for an exact sampler has the floor's distribution. The bound is the one-sided
+  Student-t prediction bound on the log scale,
+  ``exp(mean(log f) + t_{R-1}(1 - alpha) sd(log f) sqrt(1 + 1/R))``: false-alarm rate
+  ``alpha`` if ``log f`` is normal. Measured by resampling 2000 floor values (n = 300,
+  d = 2): 0.0122 at nominal 0.01 and 0.107 at 0.1 with R = 20 (the linear-scale bound gave
+  0.028 and 0.113: the floor is right-skewed).
 
 Reusable for any sampler with an exact target: pass exact moments (or an exact sampler)
 and samples; posterior samplers of linear-Gaussian inverse problems are affine, so
@@ -53,6 +55,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from statistics import NormalDist
 
+import numpy as np
 import torch
 from scipy import stats as _stats
 from torch import Tensor
@@ -65,6 +68,8 @@ __all__ = [
     "cov_check",
     "sw_check",
     "sliced_w2",
+    "sw_noise_floor",
+    "NoiseFloor",
     "random_directions",
     "proportion_check",
     "gaussian_w2",
@@ -276,53 +281,104 @@ def sliced_w2(x: Tensor, y: Tensor, directions: Tensor) -> float:
     a, b = _flat(x), _flat(y)
     if a.shape != b.shape:
         raise ValueError(f"equal-size sets of equal dimension needed: {a.shape} vs {b.shape}")
-    pa, _ = torch.sort(a @ directions, dim=0)
-    pb, _ = torch.sort(b @ directions, dim=0)
-    return float(((pa - pb) ** 2).mean().sqrt())
+    # [projections, n], sorted along the last axis (numpy's sort is the fastest here)
+    pa = np.sort((a @ directions).T.numpy(), axis=1)
+    pb = np.sort((b @ directions).T.numpy(), axis=1)
+    return float(np.sqrt(np.mean((pa - pb) ** 2)))
 
 
 def random_directions(dim: int, n: int, seed: int) -> Tensor:
-    """``[dim, n]`` unit vectors, uniform on the sphere, fixed by ``seed``."""
-    g = torch.Generator().manual_seed(seed)
-    v = torch.randn(dim, n, generator=g, dtype=F64)
+    """``[dim, n]`` unit vectors, uniform on the sphere, fixed by ``seed``.
+
+    Drawn with numpy's generator, not torch's: the exact sets are drawn from torch
+    generators seeded with nearby integers, and directions equal to the first draws of a
+    sample set would correlate the two (measured: false alarms at 3x the nominal rate)."""
+    v = torch.from_numpy(np.random.default_rng(seed).standard_normal((dim, n)))
     return v / v.norm(dim=0, keepdim=True)
+
+
+@dataclass(frozen=True)
+class NoiseFloor:
+    """Sliced W2 between ``repeats`` pairs of independent exact sets of size ``n``."""
+
+    values: Tensor
+    n: int
+    seed: int
+    n_projections: int
+
+    @property
+    def mean(self) -> float:
+        return float(self.values.mean())
+
+    @property
+    def sd(self) -> float:
+        return float(self.values.std(correction=1))
+
+    def bound(self, alpha: float) -> float:
+        """One-sided prediction bound for one more value at false-alarm rate ``alpha``: the
+        normal (Student t) bound on the log scale, where the floor's right skew (0.8 on the
+        linear scale, 0.2 on the log scale at n = 300) hardly matters."""
+        r = self.values.numel()
+        lv = torch.log(self.values)
+        t = float(_stats.t.ppf(1 - alpha, r - 1))
+        return math.exp(float(lv.mean()) + t * float(lv.std(correction=1)) * math.sqrt(1 + 1 / r))
+
+
+def _draw(exact_sampler: Callable[[int, torch.Generator], Tensor], n: int, seed: int) -> Tensor:
+    return exact_sampler(n, torch.Generator().manual_seed(seed))
+
+
+def sw_noise_floor(
+    exact_sampler: Callable[[int, torch.Generator], Tensor],
+    n: int,
+    repeats: int = 20,
+    seed: int = 12345,
+    n_projections: int = 128,
+) -> NoiseFloor:
+    """The noise floor of :func:`sw_check` (reusable across checks of one target and ``n``)."""
+    x = _draw(exact_sampler, 2, seed)
+    dirs = random_directions(_flat(x).shape[1], n_projections, seed)
+    vals = [
+        sliced_w2(
+            _draw(exact_sampler, n, seed + 2 * r + 1),
+            _draw(exact_sampler, n, seed + 2 * r + 2),
+            dirs,
+        )
+        for r in range(repeats)
+    ]
+    return NoiseFloor(torch.tensor(vals, dtype=F64), n, seed, n_projections)
 
 
 def sw_check(
     samples: Tensor,
     exact_sampler: Callable[[int, torch.Generator], Tensor],
     alpha: float = 1e-3,
-    repeats: int = 20,
-    seed: int = 12345,
-    n_projections: int = 256,
+    floor: NoiseFloor | None = None,
 ) -> Check:
     """Sliced Wasserstein to an exact set of the same size, against the noise floor.
 
-    ``exact_sampler(n, generator)`` draws exact samples. The floor uses ``repeats`` pairs
-    of independent exact sets; the bound is a one-sided normal prediction bound at
-    ``alpha`` (see the module doc). The detail reports the statistic as a multiple of the
-    mean noise floor. Every distance uses the same ``n_projections`` directions.
+    ``exact_sampler(n, generator)`` draws exact samples. The floor (:func:`sw_noise_floor`,
+    computed here unless given) uses pairs of independent exact sets; the bound is a
+    one-sided normal prediction bound at ``alpha`` (see the module doc). The detail reports
+    the statistic as a multiple of the mean noise floor. Every distance uses the same
+    directions.
     """
     n = samples.shape[0]
-    dirs = random_directions(_flat(samples).shape[1], n_projections, seed)
-
-    def draw(k: int) -> Tensor:
-        return exact_sampler(n, torch.Generator().manual_seed(seed + k))
-
-    floor = torch.tensor(
-        [sliced_w2(draw(2 * r + 1), draw(2 * r + 2), dirs) for r in range(repeats)], dtype=F64
-    )
-    stat = sliced_w2(samples, draw(0), dirs)
-    mu, sd = float(floor.mean()), float(floor.std(correction=1))
-    bound = mu + float(_stats.t.ppf(1 - alpha, repeats - 1)) * sd * math.sqrt(1 + 1 / repeats)
+    if floor is None:
+        floor = sw_noise_floor(exact_sampler, n)
+    if floor.n != n:
+        raise ValueError(f"the noise floor was computed for n={floor.n}, the samples have n={n}")
+    dirs = random_directions(_flat(samples).shape[1], floor.n_projections, floor.seed)
+    stat = sliced_w2(samples, _draw(exact_sampler, n, floor.seed), dirs)
+    mu, bound = floor.mean, floor.bound(alpha)
     return Check(
         "sliced Wasserstein to exact samples",
         stat,
         bound,
         alpha,
-        f"n={n}, noise floor {mu:.4g} +- {sd:.2g} ({repeats} pairs); statistic = "
-        f"{stat / mu:.2f} x floor, bound = {bound / mu:.2f} x floor",
-        {"floor_mean": mu, "floor_sd": sd, "multiple": stat / mu},
+        f"n={n}, noise floor {mu:.4g} +- {floor.sd:.2g} ({floor.values.numel()} pairs); "
+        f"statistic = {stat / mu:.2f} x floor, bound = {bound / mu:.2f} x floor",
+        {"floor_mean": mu, "floor_sd": floor.sd, "multiple": stat / mu},
     )
 
 
