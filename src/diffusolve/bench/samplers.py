@@ -267,7 +267,8 @@ def _method_jobs(
     trials = [store.get(k) or {} for k in keys]
     failures = [r["error"] for r in trials if r.get("error")]
     best = pick_winner(trials)
-    winner = None if best is None else settings[next(i for i, r in enumerate(trials) if r is best)]
+    win = None if best is None else next(i for i, r in enumerate(trials) if r is best)
+    winner = None if win is None else settings[win]
 
     def final(store: RecordStore) -> dict[str, Any]:
         notes = list(extra_notes)
@@ -281,12 +282,11 @@ def _method_jobs(
             "settings_tried": len(settings),
             "settings_failed": len(failures),
         }
-        if winner is None:
+        if win is None:
             notes.append("no setting ran: " + " | ".join(failures))
         else:
             task = tasks(tname)
-            i = settings.index(winner)
-            out = cache[i] if i in cache else runner(task, winner, slice(0, n_samples))
+            out = cache[win] if win in cache else runner(task, settings[win], slice(0, n_samples))
             notes = out["notes"] + notes
             x = out["x"]
             diverged, ratio = _diverged(x, task.ref)
