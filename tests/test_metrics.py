@@ -40,7 +40,13 @@ def test_sw_noise_floor_positive_and_shrinks() -> None:
 
     small = sw_noise_floor(sample, 100, repeats=3)
     large = sw_noise_floor(sample, 2000, repeats=3)
-    assert small["mean"] > 0 and large["mean"] > 0 and large["std"] >= 0
+    for floor in (small, large):
+        vals = torch.tensor(floor["values"], dtype=torch.float64)
+        assert floor["mean"] == pytest.approx(float(vals.mean()), rel=1e-12)
+        assert floor["std"] == pytest.approx(float(vals.std(correction=1)), rel=1e-12)
+        assert 0 < floor["std"] < floor["mean"]  # independent repeats differ, around the mean
+    assert sw_noise_floor(sample, 100, repeats=1)["std"] == 0.0
+    assert small["values"] != large["values"][:3]
     assert large["mean"] < 0.5 * small["mean"]  # ~ 1 / sqrt(n)
     assert large["mean"] < 0.1
     assert len(large["values"]) == 3 and large["n"] == 2000
