@@ -1,11 +1,15 @@
 """Registry-driven: every solver on every process on a Gaussian mixture."""
 
+import math
+
 import pytest
 import torch
 
 from diffusolve import get_solver, list_solvers, sample
 from diffusolve.models.analytic import GaussianMixture
 from diffusolve.process import PROCESSES, get_process, make_grid
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _gmm(process):
@@ -29,10 +33,21 @@ def test_every_solver_every_process_is_finite(process_name):
             assert torch.all(torch.isfinite(out)), (name, process_name, kind)
 
 
+#: measured on this mixture (40 -> 80 steps, each solver's natural grid): the error falls by
+#: 2^0.99 for every first-order solver, 2^1.85 .. 2^2.12 for second order, 2^2.68 .. 2^3.12
+#: for third order, 2^3.21 (ipndm_v) and 2^4.69 (UniPC-3) for fourth order. The bound
+#: 2^-(min(order, 3) - 0.5) keeps at least 0.18 (in log2) on the passing side and rejects a
+#: solver of order <= 3 that loses one order (it would sit 0.5 or more beyond the bound).
+#: Fourth-order solvers are not distinguished from third order in this pre-asymptotic range
+#: (ipndm_v reaches only 3.21): their order is pinned by tests/test_convergence.py.
+ORDER_CAP = 3
+LOG2_MARGIN = 0.5
+
+
 @pytest.mark.parametrize("name", [n for n in list_solvers() if not get_solver(n).stochastic])
 def test_deterministic_solvers_approach_the_exact_endpoint(name):
     """On a Gaussian mixture (exact PF-ODE reference) every deterministic solver lands close
-    to the exact endpoint at 40 steps and gets closer when the steps double."""
+    to the exact endpoint at 40 steps and gets closer at its order when the steps double."""
     proc = get_process("ddpm-linear")
     gmm = _gmm(proc)
     xT = proc.prior_sample((64, 2), torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -43,6 +58,8 @@ def test_deterministic_solvers_approach_the_exact_endpoint(name):
         ref = gmm.reference(xT, grid[0], grid[-1], final="denoise")
         out = sample(gmm, xT, grid, solver)
         errs.append(float(((out - ref).norm(dim=1) / ref.norm(dim=1)).mean()))
+    # at 40 steps: measured 5.3e-2 at most (euler), 2x margin
     assert errs[0] < 0.1, (name, errs)
-    # at least first-order convergence: halving the step cuts the error by ~2 or more
-    assert errs[1] < 0.6 * errs[0], (name, errs)
+    rate = math.log2(errs[0] / errs[1])
+    want = min(solver.order, ORDER_CAP) - LOG2_MARGIN
+    assert rate >= want, f"{name}: error ratio 2^-{rate:.2f} over one doubling, expected 2^-{want}"

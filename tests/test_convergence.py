@@ -2,7 +2,14 @@
 
 On a Gaussian prior the probability-flow ODE has a closed-form solution, so the error of a
 solve is known exactly. We fit the slope of log(error) against log(NFE) over a range of
-NFE in the asymptotic regime and require it within 0.3 of the solver's order.
+NFE in the asymptotic regime and require it within ORDER_MARGIN = 0.25 of the solver's
+declared order.
+
+The margin is derived from the measured fits (128-384 steps, every deterministic solver):
+deviations from the declared order lie in [-0.111, +0.158] (ipndm_v 3.889, dpmpp_3m
+3.158, deis_rhoab3 2.897; every other solver within 0.09), so the bound keeps at least
+0.09 on the passing side, while a solver that silently loses one order (deviation about
+-1) misses it by about 0.75.
 """
 
 import math
@@ -14,6 +21,8 @@ from diffusolve import sample
 from diffusolve.models import Gaussian
 from diffusolve.process import make_grid, vp_linear
 from diffusolve.solvers import REGISTRY, get_solver, list_solvers
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _deterministic():
@@ -53,6 +62,9 @@ def fitted_order(nfes, errs):
     return float(-(lx * (ly - ly.mean())).sum() / (lx * lx).sum())
 
 
+ORDER_MARGIN = 0.25
+
+
 @pytest.mark.parametrize("name", _deterministic())
 def test_convergence_order(name):
     solver = get_solver(name)
@@ -62,7 +74,7 @@ def test_convergence_order(name):
     nfes, errs = solve_errors(name, steps, solver.natural_grid)
     slope = fitted_order(nfes, errs)
     assert all(e < 0.2 for e in errs), (name, errs)
-    assert abs(slope - solver.order) <= 0.3, (
+    assert abs(slope - solver.order) <= ORDER_MARGIN, (
         f"{name}: fitted order {slope:.2f}, expected {solver.order}; errors {errs}"
     )
 

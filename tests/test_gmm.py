@@ -13,6 +13,8 @@ from diffusolve.models import Empirical, Gaussian, GaussianMixture
 from diffusolve.models.analytic import pf_ode_solve, reference_accuracy
 from diffusolve.process import get_process
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 PROCESSES = ["ddpm-linear", "vp-cosine", "edm", "rectified-flow"]
 
 

@@ -7,6 +7,8 @@ import torch
 
 from diffusolve.metrics import rel_error, sliced_wasserstein, sw_noise_floor
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def _x(n: int = 2000, d: int = 4, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
