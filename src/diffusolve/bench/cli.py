@@ -235,10 +235,11 @@ def samplers_main(args: argparse.Namespace) -> int:
     try:
         result = run_bench(progress=not args.no_progress and sys.stderr.isatty(), **opts)
     except KeyboardInterrupt:
-        return _error(
+        _error(
             f"interrupted; the finished runs are in {opts['records']}: rerun the same command "
             "with --resume to continue"
         )
+        return 130
     except (ValueError, FileExistsError) as e:
         return _error(str(e).splitlines()[0])
     meta = result["meta"]
