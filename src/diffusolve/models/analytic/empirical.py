@@ -111,5 +111,25 @@ class Empirical(Denoiser, ODEReference):
         idx = torch.randint(self.n_points, (n,), generator=generator)
         return self.data[idx].reshape((n,) + self.shape)
 
+    def posterior(self, operator: Any, y: Tensor, sigma_y: float) -> Empirical:
+        """Exact posterior ``p(x0 | y)`` for ``y = A x0 + sigma_y eps`` with a linear operator
+        (a dense ``[m, d]`` tensor or an object with ``matrix()``/``A``): the same points
+        reweighted by their likelihoods, an :class:`Empirical` with weights
+        (:class:`.posterior.WeightedEmpirical`), same process.
+
+        Example:
+            >>> import torch
+            >>> from diffusolve.models import Empirical
+            >>> from diffusolve.process import edm
+            >>> emp = Empirical(torch.tensor([[0.0], [2.0]]), process=edm())
+            >>> emp.posterior(torch.ones(1, 1), torch.tensor([2.0]), 0.1).sample(3)
+            tensor([[2.],
+                    [2.],
+                    [2.]], dtype=torch.float64)
+        """
+        from .posterior import empirical_posterior
+
+        return empirical_posterior(self, operator, y, sigma_y)
+
     def __repr__(self) -> str:
         return f"Empirical(N={self.n_points}, shape={self.shape}, process={self.process.name!r})"

@@ -155,3 +155,21 @@ class Gaussian(Denoiser):
         """Exact result of :func:`diffusolve.sample` from ``(x, t)`` to ``t_end`` with ``final``."""
         xe = self.ode_solution(x, t, t_end)
         return self(xe, t_end) if final == "denoise" else xe
+
+    def posterior(self, operator: Any, y: Tensor, sigma_y: float) -> Gaussian:
+        """Exact posterior ``p(x0 | y)`` for ``y = A x0 + sigma_y eps`` with a linear operator
+        (a dense ``[m, d]`` tensor or an object with ``matrix()``/``A``): a :class:`Gaussian`
+        with the same process and shape (:func:`.posterior.gaussian_posterior`).
+
+        Example:
+            >>> import torch
+            >>> from diffusolve.models import Gaussian
+            >>> from diffusolve.process import edm
+            >>> prior = Gaussian(torch.zeros(1), torch.ones(1), process=edm())
+            >>> post = prior.posterior(torch.ones(1, 1), torch.tensor([2.0]), 1.0)
+            >>> round(post.mean.item(), 12), round(post.cov.item(), 12)
+            (1.0, 0.5)
+        """
+        from .posterior import gaussian_posterior
+
+        return gaussian_posterior(self, operator, y, sigma_y)

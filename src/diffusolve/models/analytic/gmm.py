@@ -258,6 +258,60 @@ class GaussianMixture(Denoiser, ODEReference):
                 x[idx] = self.means[k] + (z[idx] * self.evals[k].sqrt()) @ self.evecs[k].T
         return x.reshape((n,) + self.shape)
 
+    @classmethod
+    def from_eigh(
+        cls,
+        weights: Tensor,
+        means: Tensor,
+        evals: Tensor,
+        evecs: Tensor,
+        *,
+        process: Process,
+        shape: tuple[int, ...] | None = None,
+    ) -> GaussianMixture:
+        """A mixture with covariances ``C_k = evecs[k] diag(evals[k]) evecs[k]^T`` given by
+        their eigendecompositions (none is computed; ``evecs`` ``[K, d, d]`` must have
+        orthonormal columns and may be a broadcast view of one shared basis).
+
+        Example:
+            >>> import torch
+            >>> from diffusolve.models import GaussianMixture
+            >>> from diffusolve.process import edm
+            >>> q = torch.tensor([[0.6, -0.8], [0.8, 0.6]], dtype=torch.float64)
+            >>> g = GaussianMixture.from_eigh(torch.ones(2), torch.zeros(2, 2),
+            ...     torch.tensor([[1.0, 4.0], [2.0, 2.0]]), q.expand(2, 2, 2), process=edm())
+            >>> torch.allclose(g.covs[0], q @ torch.diag(torch.tensor([1.0, 4.0]).double()) @ q.T)
+            True
+        """
+        out = cls(weights, means, evals, process=process, shape=shape)
+        evecs = torch.as_tensor(evecs, dtype=torch.float64)
+        if evecs.shape != (out.n_components, out.dim, out.dim):
+            raise ValueError(
+                f"evecs must be [K, d, d] = {(out.n_components, out.dim, out.dim)}; "
+                f"got {tuple(evecs.shape)}"
+            )
+        out.evecs = evecs
+        return out
+
+    def posterior(self, operator: Any, y: Tensor, sigma_y: float) -> GaussianMixture:
+        """Exact posterior ``p(x0 | y)`` for ``y = A x0 + sigma_y eps`` with a linear operator
+        (a dense ``[m, d]`` tensor or an object with ``matrix()``/``A``): a reweighted
+        :class:`GaussianMixture` of the component posteriors, same process and shape
+        (:func:`.posterior.mixture_posterior`).
+
+        Example:
+            >>> import torch
+            >>> from diffusolve.models import GaussianMixture
+            >>> from diffusolve.process import edm
+            >>> gmm = GaussianMixture.random(3, 2, process=edm(), seed=0)
+            >>> post = gmm.posterior(torch.eye(3)[:1], torch.tensor([0.5]), 0.1)
+            >>> post.n_components, post.process is gmm.process
+            (2, True)
+        """
+        from .posterior import mixture_posterior
+
+        return mixture_posterior(self, operator, y, sigma_y)
+
     # ------------------------------------------------------------ construction
     @classmethod
     def random(
