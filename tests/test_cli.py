@@ -56,7 +56,20 @@ def test_train_refuses_to_overwrite_the_shipped_weights(capsys):
     assert "--force" in capsys.readouterr().err
 
 
+def test_demo_refuses_to_replace_a_report(tmp_path, capsys):
+    """An earlier report is never replaced without --force, and the check comes first."""
+    out = tmp_path / "userdir"
+    out.mkdir()
+    (out / "report.md").write_text("my notes")
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (out / "report.md").read_text() == "my notes"
+    assert list(out.iterdir()) == [out / "report.md"]
+
+
+@pytest.mark.slow
 def test_demo_quick(tmp_path, capsys):
+    """The whole demo in its quick form (about 2 minutes on 2 idle cores, more when shared)."""
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
     report = (out / "report.md").read_text()
@@ -67,8 +80,6 @@ def test_demo_quick(tmp_path, capsys):
     # without a terminal: one line per stage on stderr
     stages = [line for line in captured.err.splitlines() if line.startswith("[demo")]
     assert len(stages) >= 6 and any("FD-digits" in line for line in stages)
-    # an earlier report is never replaced without --force (checked before any work)
-    (out / "report.md").write_text("my notes")
+    # a second run needs --force (the panels and the report are the demo's own files)
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 2
     assert "--force" in capsys.readouterr().err
-    assert (out / "report.md").read_text() == "my notes"

@@ -78,8 +78,9 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
         "--solver-option",
         action="append",
         metavar="KEY=VALUE",
-        help="solver option, repeatable (e.g. eta=0.5, lower_order_final=false, order=2); "
-        "values are read as bool, int, float or text",
+        help="solver option, repeatable (e.g. eta=0.5, lower_order_final=false; the preset "
+        "column of `diffusolve solvers` shows each solver's); values are read as bool, int, "
+        "float or text",
     )
     p.add_argument("--steps", type=int, default=20, help="number of grid steps")
     p.add_argument(
