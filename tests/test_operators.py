@@ -49,6 +49,15 @@ from diffusolve.inverse import base as inverse_base
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def _restore_declared_needs():
+    """Tests declare made-up methods: leave the global record as it was."""
+    saved = {k: set(v) for k, v in inverse_base._NEEDED_BY.items()}
+    yield
+    inverse_base._NEEDED_BY.clear()
+    inverse_base._NEEDED_BY.update(saved)
+
+
 def _examples() -> list[tuple[str, Operator]]:
     out = []
     for name, cls in sorted(OPERATORS.items()):

@@ -83,9 +83,10 @@ def declare_needs(method: str, needs: Iterable[str]) -> tuple[str, ...]:
         ('linear', 'svd')
     """
     needs = tuple(needs)
+    unknown = [n for n in needs if n not in _NEEDED_BY]
+    if unknown:
+        raise ValueError(f"unknown capability {unknown[0]!r}; choose from {CAPABILITIES}")
     for n in needs:
-        if n not in _NEEDED_BY:
-            raise ValueError(f"unknown capability {n!r}; choose from {CAPABILITIES}")
         _NEEDED_BY[n].add(method)
     return needs
 
@@ -103,6 +104,8 @@ def _missing(op: Operator, what: str, method: str | None = None) -> NotImplement
     msg += f" (it has: {', '.join(have) if have else 'nothing'})"
     if users:
         msg += f"; methods that need {_WHAT[what]}: {', '.join(users)}"
+    if what == "pinv" and op.linear:
+        msg += "; op.lstsq(y) computes it by conjugate gradients"
     others = sorted(n for n, c in OPERATORS.items() if c.declares(what))
     if others:
         msg += f"; registered operators with it: {', '.join(others)}"
