@@ -97,12 +97,6 @@ def test_default_max_is_a_clamp_to_unit_range():
     torch.testing.assert_close(dynamic_threshold(x0), x0.clamp(-1, 1), rtol=0, atol=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dynamic_threshold computes the quantile in float32 (flat.float()), so float64 "
-    "estimates are thresholded with a ~1e-7 relative error in s (measured 2e-7), which "
-    "breaks float64 reference solves",
-)
 def test_float64_thresholding_is_exact():
     x0 = _batch(F64)
     torch.testing.assert_close(

@@ -30,7 +30,10 @@ def dynamic_threshold(x0: Tensor, ratio: float = 0.995, max_value: float = 1.0) 
     """Dynamic thresholding (Saharia et al. 2022): per sample ``s = clip(q_ratio(|x0|), 1, max)``,
     then ``clamp(x0, -s, s) / s``."""
     flat = x0.reshape(x0.shape[0], -1).abs()
-    s = torch.quantile(flat.float(), ratio, dim=1).to(x0.dtype)
+    # the quantile in the estimate's own precision (float64 stays float64); half types
+    # are not supported by torch.quantile and go through float32
+    work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+    s = torch.quantile(work, ratio, dim=1).to(x0.dtype)
     s = torch.clamp(s, min=1.0, max=max_value).reshape((-1,) + (1,) * (x0.ndim - 1))
     return torch.clamp(x0, -s, s) / s
 

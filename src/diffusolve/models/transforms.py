@@ -28,7 +28,7 @@ class MapX0(Denoiser):
         >>> from diffusolve.models import from_callable
         >>> from diffusolve.process import vp_linear
         >>> m = from_callable(lambda x, t: 3 * x, vp_linear(), "x0")
-        >>> float(MapX0(m, torch.tanh)(torch.ones(1, 2), 0.5)[0, 0]) == math.tanh(3.0)
+        >>> float(MapX0(m, torch.tanh)(torch.ones(1, 2, dtype=torch.float64), 0.5)[0, 0]) == math.tanh(3.0)
         True
     """
 
