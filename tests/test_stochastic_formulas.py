@@ -1,8 +1,8 @@
 """Stochastic steps against hand-written reference samplers, and the meaning of each option.
 
 Each reference below is written from its paper (DDIM eq. 16 in its ``sigma_eta`` form, EDM
-Algorithm 2, consistency multistep sampling, SDE-DPM-Solver++(2M) midpoint form), not from
-our code. The library solve and the reference are fed the *same* noise (a recording noise
+Algorithm 2, consistency multistep sampling, SDE-DPM-Solver++(2M) midpoint form,
+DPM-Solver++(2S) with the ancestral split of the noise level), not from our code. The library solve and the reference are fed the *same* noise (a recording noise
 source replays the library's draws: one standard normal draw of the batch's shape per
 noisy step, in step order) on a Gaussian-mixture prior, whose denoiser is nonlinear, and
 must agree to float64 round-off. Small step counts exercise the parts a converged solve
@@ -137,6 +137,37 @@ def ref_sde_dpmpp_2m(model, x, grid, draws):
     return x
 
 
+def ref_dpmpp_2s_ancestral(model, x, grid, draws, t_of_s, *, eta=1.0, s_noise=1.0, r=0.5):
+    """DPM-Solver++(2S) to ``s_down`` then noise up to ``s'`` (Lu et al. 2022, Algorithm 1,
+    with the ancestral split), on ``x~ = x / alpha``, ``s = sigma / alpha``:
+    ``s_up = min(s', eta s' sqrt(1 - s'^2 / s^2))``, ``s_down = sqrt(s'^2 - s_up^2)``;
+    ``h = log(s / s_down)``, stage at ``s_mid = s e^{-r h}``:
+    ``u = (s_mid / s) x~ + (1 - e^{-r h}) x0``,
+    ``x~_down = (s_down / s) x~ + (1 - e^{-h}) ((1 - 1/(2r)) x0 + 1/(2r) x0(u, s_mid))``,
+    ``x~' = x~_down + s_noise s_up z``."""
+    p, it = model.process, iter(draws)
+
+    def denoise(xt, t):
+        return model(float(p.alpha(t)) * xt, t)
+
+    for i in range(len(grid) - 1):
+        t, t1 = grid[i], grid[i + 1]
+        (a, s), (a1, s1) = _scalars(p, t), _scalars(p, t1)
+        s, s1 = s / a, s1 / a1
+        xt = x / a
+        up = min(s1, eta * s1 * math.sqrt(1.0 - (s1 / s) ** 2))
+        down = math.sqrt(s1 * s1 - up * up)
+        x0 = denoise(xt, t)
+        h = math.log(s / down)
+        s_mid = s * math.exp(-r * h)
+        u = (s_mid / s) * xt + (1.0 - math.exp(-r * h)) * x0
+        x0_mid = denoise(u, t_of_s(s_mid))
+        d = (1.0 - 1.0 / (2.0 * r)) * x0 + (1.0 / (2.0 * r)) * x0_mid
+        xt = (down / s) * xt + (1.0 - math.exp(-h)) * d
+        x = a1 * (xt + s_noise * up * next(it))
+    return x
+
+
 # ------------------------------------------------------------------ library vs reference
 def _compare(model, grid, solver, reference, **options):
     x = _start(model.process)
@@ -208,6 +239,22 @@ def test_edm_churn_matches_algorithm_2(process_name, heun, churn):
     s = [float(p.sigma(t) / p.alpha(t)) for t in grid[:-1]]
     lo, hi = churn.get("tmin", 0.0), churn.get("tmax", math.inf)
     assert len(rec.draws) == sum(lo <= v <= hi for v in s)
+
+
+@pytest.mark.parametrize("process_name", ["edm", "rectified-flow"])
+@pytest.mark.parametrize(
+    "options", [{}, {"eta": 0.5}, {"eta": 0.8, "s_noise": 1.05}], ids=["eta1", "eta.5", "snoise"]
+)
+def test_dpmpp_2s_ancestral_matches_the_reference(process_name, options):
+    p, t_of_s = EDM_PROCESSES[process_name]
+    model = _mixture(p)
+    grid = make_grid(p, 6, "logsnr")
+
+    def reference(m, x, g, d):
+        return ref_dpmpp_2s_ancestral(m, x, g, d, t_of_s, **options)
+
+    rec = _compare(model, grid, "dpmpp_2s_ancestral", reference, **options)
+    assert len(rec.draws) == 6
 
 
 # ------------------------------------------------------------------ options on exact laws
