@@ -55,6 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_LIST = Path(__file__).resolve().parent / "mutations.toml"
 COPY_DIRS = ("src", "tests")
 COPY_FILES = ("pyproject.toml", "README.md", "Makefile", "LICENSE")
+NOT_SLOW = "addopts=-m 'not slow'"  # the default selection, without the doctests of src/
 
 
 @dataclass
@@ -162,18 +163,24 @@ def check_import(copy: Path) -> None:
         raise SystemExit(f"diffusolve imports from {out}, not from the copy {copy}: aborting")
 
 
-def pytest_cmd(tests: list[str], deselect: list[str], extra: list[str]) -> list[str]:
+def pytest_cmd(tests: list[str], skip: list[str], extra: list[str]) -> list[str]:
+    """``skip``: node ids to deselect, and test files that do not even import (``--ignore``)."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *extra, *tests]
-    for d in deselect:
-        cmd += ["--deselect", d]
+    for d in skip:
+        cmd += [f"--ignore={d}"] if "::" not in d else ["--deselect", d]
     return cmd
 
 
 def baseline(copy: Path, tests: list[str], timeout: float) -> tuple[list[str], float]:
-    """Node ids of the tests that fail on the unmutated copy, and the run's duration."""
+    """Node ids of the tests that fail on the unmutated copy (and files that fail to import,
+    e.g. old tests against today's source), and the run's duration."""
     t0 = time.time()
     proc = subprocess.run(
-        pytest_cmd(tests, [], ["-rf", "--no-header", "-o", "addopts=-m 'not slow'"]),
+        pytest_cmd(
+            tests,
+            [],
+            ["-rfE", "--no-header", "--continue-on-collection-errors", "-o", NOT_SLOW],
+        ),
         cwd=copy,
         env=env_for(copy),
         capture_output=True,
@@ -191,7 +198,7 @@ def baseline(copy: Path, tests: list[str], timeout: float) -> tuple[list[str], f
 
 def run_mutant(m: Mutation, copy: Path, deselect: list[str], timeout: float) -> Result:
     target = copy / "src" / "diffusolve" / m.file
-    pristine = (ROOT / "src" / "diffusolve" / m.file).read_text()
+    pristine = target.read_text()  # the copy: consistent with the rest of the copy
     status, at = locate(pristine, m)
     if status != "ok":
         return Result(m.id, m.package, status, detail=f"{m.file}: snippet not found once")
@@ -201,7 +208,7 @@ def run_mutant(m: Mutation, copy: Path, deselect: list[str], timeout: float) -> 
     t0 = time.time()
     try:
         proc = subprocess.run(
-            pytest_cmd(m.tests, deselect, ["-x", "--no-header", "-o", "addopts=-m 'not slow'"]),
+            pytest_cmd(m.tests, deselect, ["-x", "--no-header", "-o", NOT_SLOW]),
             cwd=copy,
             env=env_for(copy),
             capture_output=True,
