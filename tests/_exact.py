@@ -32,8 +32,9 @@ size) is to break a correct sampler's test. It is not a fudge factor: tolerances
   approximation; their skewness is 0 and excess kurtosis ``6 / (n - 1)``); for other targets
   the variance of ``w_i w_j`` is estimated from a large exact reference sample (pass
   ``reference=``). Bonferroni over ``d (d + 1) / 2`` entries: false-alarm rate ``<=
-  alpha_cov`` up to the normal approximation of the off-diagonal entries, which is accurate
-  to a few percent of ``alpha`` for ``n >= 1000``.
+  alpha_cov`` up to the normal approximation of the off-diagonal entries. Measured over
+  4000 seeds (n = 1000, d = 3, nominal 0.02 each): mean 0.0185, covariance 0.0218 (binomial
+  standard error 0.0022).
 * sliced Wasserstein: ``R`` independent noise-floor values ``f_1..f_R`` (exact vs exact,
   size ``n``, the same projection directions); the statistic is ``SW(samples, exact set)``,
   which for an exact sampler has the floor's distribution. The bound is the one-sided
