@@ -160,3 +160,31 @@ def test_overhead_smoke():
         row["ours_us_per_step"] / row["diffusers_us_per_step"]
     )
     assert row["profile"] and "ours/diffusers" in format_overhead(r)
+
+
+def test_our_settings_come_from_the_solver_declaration(monkeypatch):
+    """Our settings = bench-level grid kind and end x what the solver declares searchable."""
+    from diffusolve.bench import settings as bs
+
+    class Declares:
+        natural_grid = "karras"
+
+        def search_space(self):
+            return {"a": (1, 2), "b": ("x",)}
+
+        def options(self):
+            return {"a": 1, "b": "x", "lower_order_final": True}
+
+    class Legacy:  # no search_space yet: the bench's former rule
+        natural_grid = "logsnr"
+
+        def options(self):
+            return {"lower_order_final": True}
+
+    assert bs.search_space(Declares()) == {"a": (1, 2), "b": ("x",)}
+    assert bs.search_space(Legacy()) == {"lower_order_final": (True, "grid", False)}
+    monkeypatch.setattr(bs, "get_solver", lambda name: Declares())
+    got = bs.our_settings("anything", quick=True)
+    assert got[0] == {"grid": "karras", "end": "t_min", "a": 1, "b": "x"}
+    kinds = {s["grid"] for s in got}
+    assert len(got) == len(bs.ENDS) * len(kinds) * 2 and "logsnr" in kinds
