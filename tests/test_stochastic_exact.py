@@ -6,8 +6,11 @@ probes the solver with basis inputs and basis noise). That gives, with no sampli
 
 * the weak order: the exact 2-Wasserstein distance between the output law and the target
   (the exact marginal at the last grid time), fitted against NFE, must match the path's
-  declared weak order within +-0.15 (measured slopes lie within 0.07 of it; a path that
-  loses one order misses the bound by at least 0.85);
+  declared weak order within +-0.2. Measured slopes (128-512 steps, four processes) lie
+  within 0.03 of it for every path except EDM churn with s_churn = 40 (Euler 0.897-0.903,
+  Heun 1.943-1.959: the churn factor is capped below 97 steps, so the fit is still
+  slightly pre-asymptotic): at least 0.097 of margin on the passing side, while a path
+  that loses one order misses the bound by at least 0.8;
 * the bias of the sample tests below, asserted small before samples are compared.
 
 Then real samples (real noise streams) are compared with the exact data law: mean and
@@ -67,7 +70,7 @@ CONSISTENCY_PATHS = [p for p in PATHS if registry_name(*p) in CONSISTENCY]
 #: weak-order fit: 128-512 steps is the asymptotic regime of every path (with s_churn=40
 #: the churn factor is capped at sqrt(2)-1 below 97 steps, which bends the fit there)
 ORDER_STEPS = (128, 256, 512)
-ORDER_MARGIN = 0.15
+ORDER_MARGIN = 0.2
 #: exact W2 at 512 steps, 1.5x the largest value measured over the processes above
 #: (order 1: 0.012-0.035; order 2: 1.6e-4-9.5e-4)
 W2_CAP = {1: 0.05, 2: 1.5e-3}
