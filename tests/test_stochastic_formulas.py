@@ -158,6 +158,9 @@ def ref_dpmpp_2s_ancestral(model, x, grid, draws, t_of_s, *, eta=1.0, s_noise=1.
         up = min(s1, eta * s1 * math.sqrt(1.0 - (s1 / s) ** 2))
         down = math.sqrt(s1 * s1 - up * up)
         x0 = denoise(xt, t)
+        if down == 0.0:  # all of s' is noise: the limit s_down -> 0 of the step is x0
+            x = a1 * (x0 + s_noise * up * next(it))
+            continue
         h = math.log(s / down)
         s_mid = s * math.exp(-r * h)
         u = (s_mid / s) * xt + (1.0 - math.exp(-r * h)) * x0
@@ -243,15 +246,19 @@ def test_edm_churn_matches_algorithm_2(process_name, heun, churn):
 
 @pytest.mark.parametrize("process_name", ["edm", "rectified-flow"])
 @pytest.mark.parametrize(
-    "options", [{}, {"eta": 0.5}, {"eta": 0.8, "s_noise": 1.05}], ids=["eta1", "eta.5", "snoise"]
+    "options",
+    [{}, {"eta": 0.5}, {"eta": 0.8, "s_noise": 1.05}, {"r1": 1.0 / 3.0}, {"eta": 10.0}],
+    ids=["eta1", "eta.5", "snoise", "r1", "all-noise"],
 )
 def test_dpmpp_2s_ancestral_matches_the_reference(process_name, options):
     p, t_of_s = EDM_PROCESSES[process_name]
     model = _mixture(p)
     grid = make_grid(p, 6, "logsnr")
 
+    reference_options = {("r" if k == "r1" else k): v for k, v in options.items()}
+
     def reference(m, x, g, d):
-        return ref_dpmpp_2s_ancestral(m, x, g, d, t_of_s, **options)
+        return ref_dpmpp_2s_ancestral(m, x, g, d, t_of_s, **reference_options)
 
     rec = _compare(model, grid, "dpmpp_2s_ancestral", reference, **options)
     assert len(rec.draws) == 6
