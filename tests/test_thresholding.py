@@ -125,6 +125,11 @@ def test_wrapper_thresholds_every_estimate():
     torch.testing.assert_close(
         wrapped(x, 0.5), hand_threshold(3.0 * x, 0.9, 5.0), rtol=1e-6, atol=1e-6
     )
+    # ratio = 1 (the largest valid): s is the per-sample maximum of |x0|, clipped to [1, max]
+    top = DynamicThresholding(inner, ratio=1.0, max_value=20.0)
+    x0 = 3.0 * x
+    s = x0.abs().amax(dim=(1, 2, 3), keepdim=True).clamp(1.0, 20.0)
+    torch.testing.assert_close(top(x, 0.5), x0.clamp(-s, s) / s, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="ratio"):
         DynamicThresholding(inner, ratio=0.0)
     with pytest.raises(ValueError, match="ratio"):
