@@ -131,7 +131,7 @@ def test_bench_picks_best_setting_and_highlights(task_vp):
         schedulers=["DPM-Solver++ 2M"], quick=True, progress=False,
     )  # fmt: skip
     ours, theirs = out["records"]
-    assert ours["settings_tried"] == 12  # 2 ends x 2 grid kinds x 3 lower_order_final modes
+    assert ours["settings_tried"] == 18  # 3 ends x 2 grid kinds x 3 lower_order_final modes
     assert "grid=" in ours["setting"] and "lower_order_final=" in ours["setting"]
     assert "timestep_spacing=" in theirs["setting"] and theirs["nfe_used"] <= 6
     assert out["summary"][0]["ratio"] == pytest.approx(ours["rel_error"] / theirs["rel_error"])

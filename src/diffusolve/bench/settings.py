@@ -42,7 +42,9 @@ __all__ = [
 #: second-to-last point of a grid with one more interval, i.e. the final denoise jumps from
 #: there to the clean estimate exactly as diffusers' final_sigmas_type="zero" (and EDM's
 #: last Euler step to sigma = 0) do
-ENDS = ("t_min", "early")
+ENDS = ("t_min", "early", "zero")
+#: ``end="zero"``: the grid ends at t_min like ``"t_min"``, and the final evaluation returns
+#: the sigma -> 0 endpoint extrapolated from the trajectory (``sample(final="zero")``)
 #: bench-level keys of our settings (not solver options)
 BENCH_KEYS = ("grid", "end")
 
@@ -86,7 +88,7 @@ def our_settings(name: str, quick: bool = False) -> list[dict[str, Any]]:
 
 def our_grid(process: Any, n_steps: int, kind: str, end: str = "t_min") -> Tensor:
     """The grid of ``n_steps`` steps for a bench setting (see :data:`ENDS`)."""
-    if end == "t_min":
+    if end in ("t_min", "zero"):
         return make_grid(process, n_steps, kind)
     if end == "early":
         return make_grid(process, n_steps + 1, kind)[:-1]
@@ -105,8 +107,9 @@ def run_ours(
     n = steps_for_nfe(solver, nfe, "denoise")
     grid = our_grid(model.process, n, setting["grid"], setting.get("end", "t_min"))
     stats: dict[str, Any] = {}
+    final = "zero" if setting.get("end") == "zero" else "denoise"
     x = sample(
-        model, x_T, grid, solver, final="denoise", dtype=torch.float64, stats=stats, progress=False
+        model, x_T, grid, solver, final=final, dtype=torch.float64, stats=stats, progress=False
     )
     return {"x": x, "nfe_used": stats["nfe"], "steps": n, "notes": []}
 
