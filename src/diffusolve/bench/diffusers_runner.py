@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import inspect
 import itertools
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -403,7 +402,3 @@ def describe(setting: dict[str, Any], steps: int | None = None) -> str:
     if steps is not None:
         parts.append(f"num_inference_steps={steps}")
     return ", ".join(parts) if parts else "default"
-
-
-def finite_or_none(v: float) -> float | None:
-    return v if v is not None and math.isfinite(v) else None

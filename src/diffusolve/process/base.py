@@ -11,7 +11,6 @@ that step coefficients are computed in double precision whatever the sample dtyp
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -223,8 +222,3 @@ class Process:
         return (
             f"{type(self).__name__}(name={self.name!r}, t_min={self.t_min:g}, t_max={self.t_max:g})"
         )
-
-
-def _log1mexp(x: Tensor) -> Tensor:
-    """``log(1 - exp(x))`` for ``x < 0``, accurate near 0 and for very negative x."""
-    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
