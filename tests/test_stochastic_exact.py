@@ -19,6 +19,9 @@ and the sliced Wasserstein distance to exact samples on a Gaussian mixture again
 noise floor. Consistency sampling (``lcm``) is exact at any number of steps with a
 consistency function and is checked that way.
 
+Default run: the weak order on three processes, samples on two, the mixture on one; the
+rest (vp-cosine, rectified flow for samples and the mixture) is marked ``slow``.
+
 Expected laws come from hand formulas (the marginal ``N(a m, a^2 C + s^2 I)``, the law of
 the exact denoiser, the closed-form probability-flow map), never from the code under test.
 """
@@ -135,7 +138,13 @@ def test_every_stochastic_path_is_stochastic_and_declared():
 
 
 # ------------------------------------------------------------------ exact law, weak order
-@pytest.mark.parametrize("process_name", PROCESSES)
+def _slow(*names):
+    return [pytest.param(n, marks=pytest.mark.slow) for n in names]
+
+
+@pytest.mark.parametrize(
+    "process_name", ["ddpm-linear", "rectified-flow", "edm", *_slow("vp-cosine")]
+)
 @pytest.mark.parametrize(("name", "options"), SDE_PATHS, ids=_ids(SDE_PATHS))
 def test_weak_order_on_gaussian(name, options, process_name):
     p = get_process(process_name)
@@ -190,16 +199,12 @@ def _sample_test(name, options, process_name, n=N_SAMPLES, noise_kind="generator
     return checks
 
 
-@pytest.mark.parametrize("process_name", ["ddpm-linear", "rectified-flow", "edm"])
+@pytest.mark.parametrize(
+    "process_name", ["ddpm-linear", "edm", *_slow("rectified-flow", "vp-cosine")]
+)
 @pytest.mark.parametrize(("name", "options"), SDE_PATHS, ids=_ids(SDE_PATHS))
 def test_samples_match_exact_gaussian(name, options, process_name):
     _sample_test(name, options, process_name)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(("name", "options"), SDE_PATHS, ids=_ids(SDE_PATHS))
-def test_samples_match_exact_gaussian_vp_cosine(name, options):
-    _sample_test(name, options, "vp-cosine")
 
 
 def test_per_sample_seeds_give_the_exact_law():
@@ -286,7 +291,7 @@ def _gmm_reference(process_name, a, s, n):
     return exact(100_000, torch.Generator().manual_seed(9)), sw_noise_floor(exact, n)
 
 
-@pytest.mark.parametrize("process_name", ["ddpm-linear", "rectified-flow"])
+@pytest.mark.parametrize("process_name", ["ddpm-linear", *_slow("rectified-flow")])
 @pytest.mark.parametrize(("name", "options"), SDE_PATHS, ids=_ids(SDE_PATHS))
 def test_gaussian_mixture_within_noise_floor(name, options, process_name):
     """Sliced Wasserstein to exact mixture samples within the noise floor's prediction
