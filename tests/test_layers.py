@@ -32,6 +32,7 @@ LAYERS = {
     "images": 5,
     "demo": 5,
     "sample_cli": 5,
+    "restore_cli": 5,
     "cli": 5,
     "__main__": 5,
     "__init__": 5,

@@ -1,8 +1,8 @@
 """The ``diffusolve`` command line: a thin argparse front end over the library.
 
-Sub-commands: ``solvers``, ``sample``, ``demo``, ``bench``, ``train``. Heavy imports (torch
-included) are made inside the handlers, and the ``bench`` sub-commands are registered only
-when ``bench`` is asked for, so that ``diffusolve --help`` is instant.
+Sub-commands: ``solvers``, ``sample``, ``restore``, ``demo``, ``bench``, ``train``. Heavy
+imports (torch included) are made inside the handlers, and the ``bench`` sub-commands are
+registered only when ``bench`` is asked for, so that ``diffusolve --help`` is instant.
 """
 
 from __future__ import annotations
@@ -32,6 +32,12 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from .sample_cli import run_sample
 
     return run_sample(args)
+
+
+def _cmd_restore(args: argparse.Namespace) -> int:
+    from .restore_cli import run_restore
+
+    return run_restore(args)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -135,6 +141,10 @@ def build_parser(*, bench: bool = True) -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_solvers)
 
     _add_sample(sub)
+
+    from .restore_cli import add_parser as add_restore
+
+    add_restore(sub).set_defaults(func=_cmd_restore)
 
     p = sub.add_parser("demo", help="the main job: a tour of the library on the bundled model")
     p.add_argument("--out", default="diffusolve-demo", help="output folder")
