@@ -15,12 +15,16 @@ Example:
 """
 
 from .base import SAMPLERS, PosteriorSampler, Problem, get_sampler, register
+from .daps import DAPS
 from .ddnm import DDNM, DDNMPlus
 from .ddrm import DDRM
 from .dds import DDS
 from .diffpir import DiffPIR
 from .dps import DPS
+from .flowchef import FlowChef
 from .pigdm import PiGDM
+from .reddiff import REDDiff
+from .repaint import RePaint
 
 __all__ = [
     "SAMPLERS",
@@ -36,6 +40,10 @@ __all__ = [
     "DDNMPlus",
     "DiffPIR",
     "DDS",
+    "DAPS",
+    "REDDiff",
+    "FlowChef",
+    "RePaint",
 ]
 
 
