@@ -140,8 +140,9 @@ class REDDiff(PosteriorSampler):
         zero = torch.zeros_like(mu)
         return {"mu": mu, "m": zero, "v": zero, "k": 0}
 
-    def step(self, p: Problem, x: Tensor, i: int, state: Any) -> tuple[Tensor, Any]:
-        mu = state["mu"]
+    def gradient(self, p: Problem, mu: Tensor, i: int) -> Tensor:
+        """One stochastic gradient of the loss at grid time ``i`` (one network call, a fresh
+        ``eps``; the network is not differentiated)."""
         st = p.st(i)
         grad = -self.obs_weight * p.operator.vjp(mu, p.residual(mu)).to(mu.dtype)
         eps = p.randn(mu)
@@ -151,6 +152,11 @@ class REDDiff(PosteriorSampler):
         if math.isfinite(st) and self.lambda_ > 0:
             w = self.lambda_ * snr_weight(self.weighting, st)
             grad = grad + w * (eps_of(p, xt, x0, i) - eps)
+        return grad
+
+    def step(self, p: Problem, x: Tensor, i: int, state: Any) -> tuple[Tensor, Any]:
+        mu = state["mu"]
+        grad = self.gradient(p, mu, i)
         # Adam, entrywise (so per sample)
         k = state["k"] + 1
         m = self.beta1 * state["m"] + (1 - self.beta1) * grad
