@@ -8,13 +8,22 @@ time ``t`` (``st = sigma_t / alpha_t``, the noise level of ``x / alpha``):
 1. ``x0_hat``: a short deterministic solve of the probability-flow ODE from ``x_t`` to the
    process's ``t_min`` (DDIM, ``eta = 0``, on ``ode_steps`` Karras-spaced times from ``t``,
    ending with the estimate of the denoiser there; ``ode_steps = 1`` is ``D(x_t)``);
-2. ``x0_y``: ``langevin_steps`` Langevin steps from ``x0_hat`` targeting
-   ``N(x0; x0_hat, r_t^2 I) * N(y; A(x0), tau^2 I)``, ``r_t = r_scale * st``:
+2. ``x0_y``: ``langevin_steps`` steps of the Langevin dynamics from ``x0_hat`` targeting
+   ``N(x0; x0_hat, r_t^2 I) * N(y; A(x0), tau^2 I)``, ``r_t = r_scale * st``, with the step
+   ``eta_t = lr * (1 + (i / n) (lr_min_ratio - 1))`` decaying linearly over the ``n`` levels
+   (the paper's schedule). The paper's step is Euler-Maruyama,
 
-       x0 <- x0 + eta_t [ (x0_hat - x0) / r_t^2 + J_A(x0)^T (y - A(x0)) / tau^2 ] + sqrt(2 eta_t) z
+       x0 <- x0 + eta_t [ (x0_hat - x0) / r_t^2 + J_A(x0)^T (y - A(x0)) / tau^2 ] + sqrt(2 eta_t) z;
 
-   with the step ``eta_t = lr * (1 + (i / n) (lr_min_ratio - 1))`` decaying linearly over
-   the ``n`` levels (the paper's schedule);
+   here the same dynamics are split: a gradient step on the likelihood, then the Gaussian
+   factor's Ornstein-Uhlenbeck flow over the time ``eta_t`` in closed form,
+
+       x0 <- x0 + eta_t J_A(x0)^T (y - A(x0)) / tau^2
+       x0 <- x0_hat + e^(-eta_t / r_t^2) (x0 - x0_hat) + r_t sqrt(1 - e^(-2 eta_t / r_t^2)) z.
+
+   The two agree to first order in ``eta_t / r_t^2``; the split step stays stable at any
+   noise level, where the paper's diverges once ``eta_t > 2 r_t^2`` (its annealing stops at
+   noise 0.1 and avoids that; this grid goes down to the process's ``t_min``);
 3. ``x_next = alpha' x0_y + sigma' z`` (fresh noise); from the last level ``x0_y`` is the
    result.
 
@@ -24,11 +33,12 @@ that of ``||A x - y||^2 / tau^2``, twice the Gaussian log-likelihood's used here
 measurement needs an explicit ``tau``.
 
 A run costs ``steps * ode_steps`` network evaluations (:meth:`DAPS.nfe`); the Langevin steps
-use gradients of ``A`` only. The paper's DAPS-1K: 200 annealing levels (EDM noise 100 to
-0.1, Karras ``rho = 7``: ``grid_kind = "karras"`` here), 5 ODE steps, 100 Langevin steps,
-``lr = 1e-4``, ``lr_min_ratio = 0.01``, ``r_t = sigma_t`` (``r_scale = 1``); these are the
-defaults. The step size is absolute (in data units squared): tune ``lr`` to the data scale
-and ``tau`` (the Langevin chain is stable for ``lr < 2 / (1 / r_t^2 + ||A||^2 / tau^2)``).
+use gradients of ``A`` only (per sample). The paper's DAPS-1K (its released configuration):
+200 annealing levels (EDM noise 100 to 0.1, Karras ``rho = 7``: ``grid_kind = "karras"``
+here), 5 ODE steps, 100 Langevin steps, ``lr = 1e-4``, ``lr_min_ratio = 0.01``,
+``r_t = sigma_t`` (``r_scale = 1``); these are the defaults. The step size is absolute (in
+data units squared) and was set for ``tau = 0.01``: tune ``lr`` to the data scale and
+``tau`` (the likelihood step is stable for ``lr < 2 tau^2 / ||A||^2``).
 """
 
 from __future__ import annotations
@@ -123,17 +133,13 @@ class DAPS(PosteriorSampler):
         return tau
 
     def x0_hat(self, p: Problem, x: Tensor, i: int) -> Tensor:
-        """The probability-flow ODE solve from ``x`` at grid time ``i`` (``ode_steps`` calls)."""
-        if self.ode_steps == 1:
+        """The probability-flow ODE solve from ``x`` at grid time ``i`` (``ode_steps`` calls;
+        one at a time already at the process's ``t_min``, which only a user grid has)."""
+        t, t_end = float(p.times[i]), p.process.t_min
+        if self.ode_steps == 1 or t <= t_end:  # (a user grid at t_min: no ODE left)
             return p.denoise(x, i)
         from ...solvers import sample
 
-        t, t_end = float(p.times[i]), p.process.t_min
-        if t <= t_end:  # at the end of the process already: the grid degenerates
-            x0 = x
-            for _ in range(self.ode_steps):
-                x0 = p.denoise(x, i)
-            return x0
         grid = make_grid(p.process, self.ode_steps - 1, "karras", t_start=t, t_end=t_end)
         stats: dict[str, Any] = {}
         x0 = sample(
