@@ -25,7 +25,8 @@ new network call) and makes the deterministic move:
 
 The two agree at low noise (``c -> 1``). For rectified flow the DDIM move from the moved
 state and ``x0'`` is exactly the paper's Euler step ``x_t' + (t' - t) v`` with the old
-velocity.
+velocity. The paper's code skips the guidance on the last step; here every step is guided,
+so the result (``x0'`` of the last step) has had its data term lowered once more.
 
 **Designed for rectified flow**; it runs on any process here (VP, VE, EDM) through the
 process's ``alpha``/``sigma``, but its justification (straight trajectories, slowly varying
