@@ -212,31 +212,37 @@ def _sigma(text: str) -> float:
 
 # ---------------------------------------------------------------------------- --list
 def list_text(shape: tuple[int, ...] = (1, 16, 16)) -> str:
-    """The text of ``diffusolve restore --list``: methods with their needs, tasks with their
-    descriptions and the methods that cannot run them (on images of ``shape``)."""
+    """The text of ``diffusolve restore --list``: methods with their needs and options, tasks
+    with their descriptions, and which method runs which task (on images of ``shape``)."""
     from .inverse.samplers import SAMPLERS, get_sampler
     from .inverse.tasks import IMAGE_TASKS, make_task
 
     names = sorted(SAMPLERS)
-    width = max(len(n) for n in names)
-    lines = ["methods (--method; what they need from the operator; options):"]
+    tasks = sorted(IMAGE_TASKS)
+    operators = {task: make_task(task, shape) for task in tasks}
+    refused: dict[str, list[str]] = {task: [] for task in tasks}
     for name in names:
-        s = get_sampler(name)
-        needs = ", ".join(s.needs) or "nothing"
-        opts = ", ".join(f"{k}={v}" for k, v in s.options().items()) or "-"
-        lines.append(f"  {name:<{width}}  needs {needs}; options {opts}")
-    twidth = max(len(t) for t in IMAGE_TASKS)
-    lines += ["", f"tasks (--task; on {shape[0]}x{shape[1]}x{shape[2]} images):"]
-    for task, (desc, _) in sorted(IMAGE_TASKS.items()):
-        op = make_task(task, shape)
-        refused = []
-        for name in names:
+        for task, op in operators.items():
             try:
                 get_sampler(name).check(op)
             except (NotImplementedError, TypeError):
-                refused.append(name)
-        runs = "every method" if not refused else f"not {', '.join(refused)}"
-        lines.append(f"  {task:<{twidth}}  {desc}; measures {tuple(op.out_shape)}; {runs}")
+                refused[task].append(name)
+    width = max(len(n) for n in names)
+    lines = ["methods (--method; what they need from the operator; the tasks they run; options):"]
+    for name in names:
+        s = get_sampler(name)
+        needs = ", ".join(s.needs) or "-"
+        runs = [task for task in tasks if name not in refused[task]]
+        runs_text = "every task" if len(runs) == len(tasks) else ", ".join(runs) or "no task"
+        opts = ", ".join(f"{k}={v}" for k, v in s.options().items()) or "-"
+        lines.append(f"  {name:<{width}}  needs {needs}; runs {runs_text}; options {opts}")
+    twidth = max(len(t) for t in tasks)
+    lines += ["", f"tasks (--task; on {shape[0]}x{shape[1]}x{shape[2]} images):"]
+    for task in tasks:
+        desc = IMAGE_TASKS[task][0]
+        runs = "every method" if not refused[task] else f"not {', '.join(refused[task])}"
+        shape_y = tuple(operators[task].out_shape)
+        lines.append(f"  {task:<{twidth}}  {desc}; measures {shape_y}; {runs}")
     return "\n".join(lines)
 
 
