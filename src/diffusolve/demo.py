@@ -133,7 +133,7 @@ DEMO_RESTORE_METHODS = ("pigdm", "ddrm", "dps", "ddnm_plus", "diffpir", "ddnm")
 #: held-out digits of these classes, in this order (the first 2 in --quick)
 DEMO_RESTORE_CLASSES = (3, 5, 8, 2)
 #: sampler steps (quick, full)
-DEMO_RESTORE_STEPS = (20, 100)
+DEMO_RESTORE_STEPS = (20, 50)
 
 
 def _restoration_methods(operators: list) -> list[str]:
