@@ -22,6 +22,7 @@ from .dds import DDS
 from .diffpir import DiffPIR
 from .dps import DPS
 from .flowchef import FlowChef
+from .mcgdiff import MCGdiff
 from .pigdm import PiGDM
 from .reddiff import REDDiff
 from .repaint import RePaint
@@ -44,6 +45,7 @@ __all__ = [
     "REDDiff",
     "FlowChef",
     "RePaint",
+    "MCGdiff",
 ]
 
 

@@ -242,6 +242,11 @@ class PosteriorSampler:
         """The result from the last iterate (default: the iterate itself, at sigma = 0)."""
         return x
 
+    def times(self, process: Any, steps: int, operator: Operator, sigma_y: Tensor) -> Tensor:
+        """The ``steps`` evaluation times (default: a :attr:`grid_kind` grid from ``t_max``
+        to ``t_min`` with its last time dropped, since the last step goes to sigma = 0)."""
+        return make_grid(process, steps, self.grid_kind)[:-1]
+
     def initial(self, problem: Problem, shape: tuple[int, ...], dtype, device) -> Tensor:
         """The starting state at ``t_0``: a sample of the process's prior at ``t_0``."""
         eps = problem.noise(shape, dtype=dtype, device=device)
@@ -306,7 +311,12 @@ class PosteriorSampler:
         if grid is None:
             if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
                 raise ValueError(f"steps must be a positive int; got {steps!r}")
-            times = make_grid(process, steps, self.grid_kind)[:-1]
+            times = self.times(
+                process,
+                steps,
+                operator,
+                _per_sample_sigma(sigma_y, batch, torch.float64, torch.device("cpu")),
+            )
         else:
             times = torch.as_tensor(grid, dtype=torch.float64).flatten()
             if times.numel() == 1:
@@ -339,8 +349,16 @@ class PosteriorSampler:
                         "lower the step size or use float64"
                     )
                 if callback is not None:
-                    callback({"i": i, "t": float(times[i]), "x": x, "x_next": x_next,
-                              "nfe": problem.nfe, "state": state})
+                    callback(
+                        {
+                            "i": i,
+                            "t": float(times[i]),
+                            "x": x,
+                            "x_next": x_next,
+                            "nfe": problem.nfe,
+                            "state": state,
+                        }
+                    )
                 x = x_next.detach()
                 if bar is not None:
                     bar.update(1)

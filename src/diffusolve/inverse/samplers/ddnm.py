@@ -110,8 +110,9 @@ class DDNMPlus(PosteriorSampler):
         c0 = svd.Vt(x0)
         c0r = c0[:, :r]
         if a > 0:
-            lam = torch.clamp(sig_p / (a * torch.where(nbar > 0, nbar, torch.ones_like(nbar))),
-                              max=1.0)
+            lam = torch.clamp(
+                sig_p / (a * torch.where(nbar > 0, nbar, torch.ones_like(nbar))), max=1.0
+            )
             lam = torch.where(nbar > 0, lam, torch.ones_like(lam))
         else:
             lam = torch.zeros_like(nbar)

@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor
 
 from ..linalg import batched_cg
@@ -67,13 +66,18 @@ class DDS(PosteriorSampler):
     def __post_init__(self) -> None:
         self._positive(gamma=self.gamma)
         self._unit(eta=self.eta)
-        if isinstance(self.cg_iters, bool) or not isinstance(self.cg_iters, int) or self.cg_iters < 1:
+        if (
+            isinstance(self.cg_iters, bool)
+            or not isinstance(self.cg_iters, int)
+            or self.cg_iters < 1
+        ):
             raise ValueError(f"dds: cg_iters must be a positive int; got {self.cg_iters!r}")
 
     def consistent(self, p: Problem, x0: Tensor) -> Tensor:
         op = p.operator
         noisy = (p.sigma_y > 0).to(x0.dtype)
         w = p.col(noisy * self.gamma, x0)
+
         # one system for both cases: noisy rows (I + gamma A^T A), noiseless rows A^T A
         def apply(v: Tensor) -> Tensor:
             return w * v + (w + (1 - p.col(noisy, x0))) * op.normal(v)

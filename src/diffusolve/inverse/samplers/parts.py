@@ -117,7 +117,9 @@ def project(p: Problem, x0: Tensor) -> Tensor:
     return x0 + (op.pinv(r) if op.has_pinv else op.lstsq(r))
 
 
-def measurement_solve(p: Problem, r2: float | Tensor, v: Tensor, tol: float | None = None) -> Tensor:
+def measurement_solve(
+    p: Problem, r2: float | Tensor, v: Tensor, tol: float | None = None
+) -> Tensor:
     """``(r2 A A^T + sigma_y^2 I)^(-1) v`` per sample (``v`` in measurement space).
 
     In closed form with an SVD (``U diag(1 / (r2 s^2 + sigma_y^2)) U^T`` on the range of
@@ -126,8 +128,12 @@ def measurement_solve(p: Problem, r2: float | Tensor, v: Tensor, tol: float | No
     inverted on the range of ``A``: the pseudo-inverse).
     """
     op = p.operator
-    sy2 = p.sigma_y.to(torch.float64 if v.dtype in (torch.float64, torch.complex128)
-                       else torch.float32) ** 2
+    sy2 = (
+        p.sigma_y.to(
+            torch.float64 if v.dtype in (torch.float64, torch.complex128) else torch.float32
+        )
+        ** 2
+    )
     r2t = torch.as_tensor(r2, dtype=sy2.dtype, device=sy2.device)
     r2t = r2t.expand(p.batch) if r2t.ndim == 0 else r2t
     if op.has_svd:

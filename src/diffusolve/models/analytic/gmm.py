@@ -106,6 +106,8 @@ class GaussianMixture(Denoiser, ODEReference):
             raise ValueError(f"shape {self.shape} does not have {d} elements")
         self._lmin, self._lmax = evals.min(1).values, evals.max(1).values
         self._msq = (means * means).sum(1)
+        # isotropic components (C_k = l_k I): the denoiser is two matrix products
+        self._iso = self._lmin if evecs is None and torch.equal(self._lmin, self._lmax) else None
 
     @property
     def covs(self) -> Tensor:
@@ -192,7 +194,28 @@ class GaussianMixture(Denoiser, ODEReference):
         return chunked_apply(self.process, fn, self._flat(x), t, self._rows())
 
     # ------------------------------------------------------------ contract
+    def _denoise_isotropic(self, xt: Tensor, s2: Tensor) -> Tensor:
+        """The denoiser for isotropic components ``C_k = l_k I``: responsibilities
+        ``softmax_k(log w_k - d/2 log(l_k + s^2) - |x~ - mu_k|^2 / (2 (l_k + s^2)))`` and
+        ``x0 = sum_k r_k (mu_k + l_k / (l_k + s^2) (x~ - mu_k))``."""
+        lam = self._iso  # [K]
+        if bool(torch.all(s2 == s2[0])):
+            s2 = s2[:1].contiguous()  # one noise level: [1, 1] broadcasts fastest
+        v = lam + s2  # [b or 1, K]
+        dist2 = ((xt * xt).sum(1, keepdim=True) - 2 * xt @ self.means.T + self._msq).clamp_min(0)
+        logj = self.log_weights - 0.5 * self.dim * torch.log(v) - 0.5 * dist2 / v
+        r = torch.softmax(logj, dim=-1)
+        shrink = r * (s2 / v)  # r_k (1 - l_k / v_k): the weight of mu_k
+        return shrink @ self.means + (r * (lam / v)).sum(1, keepdim=True) * xt
+
     def denoise(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        if self._iso is not None:
+            return (
+                self._apply(lambda xt, a, s2: self._denoise_isotropic(xt, s2), x, t)
+                .reshape(x.shape)
+                .to(x.dtype)
+            )
+
         def fn(xt: Tensor, a: Tensor, s2: Tensor) -> Tensor:
             logj, terms = self._terms(xt, s2)
             r = torch.softmax(logj, dim=-1)
