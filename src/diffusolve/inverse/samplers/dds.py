@@ -83,7 +83,7 @@ class DDS(PosteriorSampler):
             return w * v + (w + (1 - p.col(noisy, x0))) * op.normal(v)
 
         rhs = w * x0 + (w + (1 - p.col(noisy, x0))) * op.At(p.y)
-        return batched_cg(apply, rhs, x0, tol=0.0, max_iter=self.cg_iters)
+        return batched_cg(apply, rhs, x0, max_iter=self.cg_iters)
 
     def step(self, p: Problem, x: Tensor, i: int, state: Any) -> tuple[Tensor, Any]:
         x0 = p.denoise(x, i)

@@ -1,0 +1,340 @@
+"""Posterior samplers: the contract over the whole registry, exact posteriors where a
+sampler is exact, and the pitfalls of public implementations.
+
+Exactness is checked against the closed-form posterior of a Gaussian prior
+(``prior.posterior(A, y, sigma_y)``), with tolerances from the sample size: a mean within
+``4.5`` standard errors per coordinate, a covariance entry within ``6 sqrt(2 / N)`` of the
+largest variance (its standard error is at most ``sqrt(2 / N)`` times it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import pytest
+import torch
+
+from diffusolve.inverse import (
+    Blur,
+    CompressedSensing,
+    Inpainting,
+    PhaseRetrieval,
+    gaussian_kernel,
+)
+from diffusolve.inverse.samplers import SAMPLERS, get_sampler
+from diffusolve.models import Gaussian
+from diffusolve.process import ddpm, rectified_flow
+
+F64 = torch.float64
+NAMES = sorted(SAMPLERS)
+#: options that keep every sampler cheap in the registry-wide tests
+CHEAP = {"mcgdiff": {"particles": 4}, "daps": {"ode_steps": 2, "langevin_steps": 3}}
+
+
+def _prior(d: int = 4, var: float = 1.0, process=None) -> Gaussian:
+    mean = torch.tensor([0.5, -0.3, 0.2, 0.1], dtype=F64)[:d]
+    return Gaussian(mean, var * torch.eye(d, dtype=F64), process=process or ddpm())
+
+
+def _cs_problem(sigma_y: float, seed: int = 1):
+    prior = _prior()
+    op = CompressedSensing((4,), 2, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    x = prior.sample(1, g)
+    y = op(x) + sigma_y * torch.randn(1, 2, generator=g, dtype=F64)
+    return prior, op, y
+
+
+def _check_moments(samples: torch.Tensor, post: Gaussian) -> None:
+    n = samples.shape[0]
+    mean, cov = post.mean.flatten(), post.cov
+    se = cov.diagonal().clamp_min(1e-12).sqrt() / math.sqrt(n)
+    err = (samples.mean(0) - mean).abs()
+    assert torch.all(err < 4.5 * se + 1e-9), (err, se)
+    cerr = (torch.cov(samples.T) - cov).abs().max()
+    assert cerr < 6 * math.sqrt(2 / n) * float(cov.diagonal().max()), cerr
+
+
+# ---------------------------------------------------------------- the contract
+@pytest.mark.parametrize("name", NAMES)
+def test_options_round_trip_and_frozen(name):
+    s = get_sampler(name)
+    assert type(s)(**s.options()) == s
+    assert hash(s) == hash(type(s)(**s.options()))
+    for f in dataclasses.fields(s)[:1]:
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(s, f.name, getattr(s, f.name))
+    with pytest.raises(TypeError, match="has no option"):
+        s.replace(no_such_option=1)
+    assert s.citation and s.name == name
+
+
+_DEFAULT = re.compile(r"^\s*(\w+):.*?\(default ([^,;:)]+)", re.S)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_documented_defaults_are_the_defaults(name):
+    """A default stated in a sampler's docstring is its dataclass default (a pitfall of
+    public implementations: docstrings and defaults that disagree)."""
+    cls = SAMPLERS[name]
+    doc = cls.__doc__ or ""
+    args = doc.split("Args:", 1)[1].split("Example:", 1)[0] if "Args:" in doc else ""
+    entries = re.split(r"\n\s{8}(?=[\w, ]+:)", "\n" + args)
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    seen = 0
+    for entry in entries:
+        m = _DEFAULT.match(entry.strip())
+        if not m or m.group(1) not in defaults:
+            continue
+        stated = m.group(2).strip().strip("`'\"")
+        actual = defaults[m.group(1)]
+        if isinstance(actual, (int, float)) and not isinstance(actual, bool):
+            assert float(stated) == pytest.approx(float(actual)), (m.group(1), stated, actual)
+        else:
+            assert stated == str(actual), (m.group(1), stated, actual)
+        seen += 1
+    assert seen or not defaults or "Args:" not in doc, f"{name}: no documented default found"
+
+
+def _operator_lacking(need: str):
+    if need in ("linear", "prox"):
+        return PhaseRetrieval((1, 2, 2))
+    # linear, but no SVD and no cheap pseudo-inverse
+    blur = Blur(gaussian_kernel(1.0, size=3), (1, 4, 4))
+    mask = torch.zeros(1, 4, 4)
+    mask[..., :2] = 1
+    return Inpainting(mask, (1, 4, 4)) @ blur
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if SAMPLERS[n].needs != ("grad",)])
+def test_refusal_names_what_is_missing(name):
+    s = get_sampler(name)
+    for need in s.needs:
+        if need == "grad":
+            continue
+        op = _operator_lacking(need)
+        if need in op.capabilities:
+            continue
+        with pytest.raises(NotImplementedError) as err:
+            s.check(op)
+        msg = str(err.value)
+        assert name in msg
+        assert ("adjoint" if need == "linear" else need).split()[0] in msg or "nonlinear" in msg
+
+
+def test_refusal_of_a_non_operator():
+    with pytest.raises(TypeError, match="Operator"):
+        get_sampler("dps").check(torch.eye(3))
+
+
+def _run(name, prior, op, y, sigma_y, steps, noise, **kw):
+    s = get_sampler(name, **CHEAP.get(name, {}))
+    stats: dict = {}
+    out = s.run(prior, op, y, sigma_y, steps=steps, noise=noise, dtype=F64, stats=stats, **kw)
+    return s, out, stats
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_batch_never_changes_a_sample(name, single_thread):
+    prior = _prior()
+    op = Inpainting(torch.tensor([1.0, 1.0, 0.0, 0.0]), (4,))
+    y = torch.tensor([[0.7, -0.4, 0, 0], [0.1, 0.9, 0, 0], [-1.0, 0.3, 0, 0]], dtype=F64)
+    _, batch, _ = _run(name, prior, op, y, 0.1, 5, [10, 11, 12])
+    _, alone, _ = _run(name, prior, op, y[1:2], 0.1, 5, [11])
+    assert torch.all(torch.isfinite(batch))
+    torch.testing.assert_close(batch[1:2], alone, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nfe_is_what_the_sampler_declares(name, single_thread):
+    prior = _prior()
+    op = Inpainting(torch.tensor([1.0, 0.0, 1.0, 0.0]), (4,))
+    y = torch.tensor([[0.2, 0.0, -0.4, 0.0]], dtype=F64)
+    s, out, stats = _run(name, prior, op, y, 0.1, 6, 0)
+    assert stats["nfe"] == s.nfe(6)
+    assert out.shape == (1, 4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_runs_on_rectified_flow(name, single_thread):
+    """Every sampler is written for a general process (alpha, sigma), not VP only."""
+    prior = _prior(process=rectified_flow())
+    op = Inpainting(torch.tensor([1.0, 0.0, 1.0, 0.0]), (4,))
+    y = torch.tensor([[0.2, 0.0, -0.4, 0.0]], dtype=F64)
+    _, out, _ = _run(name, prior, op, y.expand(3, 4), 0.1, 8, 0)
+    assert torch.all(torch.isfinite(out))
+
+
+def test_bad_inputs_are_refused():
+    prior, op, y = _cs_problem(0.1)
+    with pytest.raises(ValueError, match="sigma_y"):
+        get_sampler("pigdm").run(prior, op, y, -1.0, steps=3)
+    with pytest.raises(ValueError, match="shape"):
+        get_sampler("pigdm").run(prior, op, torch.zeros(1, 3, dtype=F64), 0.1, steps=3)
+    with pytest.raises(ValueError, match="steps"):
+        get_sampler("pigdm").run(prior, op, y, 0.1, steps=0)
+    with pytest.raises(ValueError, match="unknown posterior sampler"):
+        get_sampler("nope")
+    with pytest.raises(ValueError, match="eta"):
+        get_sampler("ddrm", eta=1.5)
+
+
+# ---------------------------------------------------------------- one-step identities
+def _one_step(name, prior, op, y, sigma_y, t, **opts):
+    """A run with one evaluation time returns the sampler's data-consistent estimate."""
+    s = get_sampler(name, **opts)
+    return s.run(prior, op, y, sigma_y, grid=torch.tensor([t], dtype=F64), noise=0, dtype=F64)
+
+
+def test_pigdm_estimate_is_the_exact_posterior_mean_for_an_isotropic_prior():
+    """For x0 ~ N(m, I), x0 | x_t ~ N(x0_hat, r^2 I) exactly, so PiGDM's guided estimate
+    must be E[x0 | x_t, y] = x0_hat + r^2 A^T (r^2 A A^T + sigma_y^2 I)^-1 (y - A x0_hat)."""
+    prior, op, y = _cs_problem(0.2)
+    proc = prior.process
+    t = 400.0
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(3), dtype=F64)
+    s = get_sampler("pigdm", eta=0.0)
+    out = s.run(prior, op, y.expand(5, 2), 0.2, x=x, grid=torch.tensor([t], dtype=F64), dtype=F64)
+    x0 = prior(x, t)
+    st2 = float(proc.sigma_tilde(t)) ** 2
+    r2 = st2 / (1 + st2)
+    a = op.matrix()
+    gain = r2 * a.T @ torch.linalg.inv(r2 * a @ a.T + 0.04 * torch.eye(2, dtype=F64))
+    expected = x0 + (y - x0 @ a.T) @ gain.T
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_ddnm_estimate_is_the_range_null_space_projection():
+    prior, op, y = _cs_problem(0.0)
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(4), dtype=F64)
+    t = 300.0
+    out = get_sampler("ddnm").run(
+        prior, op, y.expand(3, 2), 0.0, x=x, grid=torch.tensor([t], dtype=F64), dtype=F64
+    )
+    x0 = prior(x, t)
+    a = op.matrix()
+    expected = x0 + (y - x0 @ a.T) @ torch.linalg.pinv(a).T
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(op(out), y.expand(3, 2), rtol=1e-9, atol=1e-9)
+
+
+def test_diffpir_estimate_is_the_prox_with_rho_from_the_noise_levels():
+    prior, op, y = _cs_problem(0.3)
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(5), dtype=F64)
+    t, lam = 200.0, 7.0
+    out = get_sampler("diffpir", lambda_=lam).run(
+        prior, op, y.expand(2, 2), 0.3, x=x, grid=torch.tensor([t], dtype=F64), dtype=F64
+    )
+    x0 = prior(x, t)
+    rho = lam * 0.09 / float(prior.process.sigma_tilde(t)) ** 2
+    a = op.matrix()
+    # argmin ||y - A v||^2 + rho ||v - x0||^2
+    lhs = a.T @ a + rho * torch.eye(4, dtype=F64)
+    expected = torch.linalg.solve(lhs, (y @ a + rho * x0).T).T
+    torch.testing.assert_close(out, expected, rtol=1e-8, atol=1e-8)
+
+
+def test_dds_noiseless_estimate_fits_the_measurement():
+    """DDS's conjugate gradients on A^T A x = A^T y from the estimate: with enough iterations
+    the result fits y and keeps the estimate's null-space part (CG stays in x0 + range(A^T))."""
+    prior, op, y = _cs_problem(0.0)
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(6), dtype=F64)
+    t = 300.0
+    out = get_sampler("dds", cg_iters=10).run(
+        prior, op, y.expand(2, 2), 0.0, x=x, grid=torch.tensor([t], dtype=F64), dtype=F64
+    )
+    x0 = prior(x, t)
+    a = op.matrix()
+    torch.testing.assert_close(out @ a.T, y.expand(2, 2), rtol=1e-8, atol=1e-8)
+    null = torch.eye(4, dtype=F64) - torch.linalg.pinv(a) @ a
+    torch.testing.assert_close(out @ null, x0 @ null, rtol=1e-8, atol=1e-8)
+
+
+# ---------------------------------------------------------------- exact posteriors
+@pytest.mark.parametrize("sigma_y", [0.3, pytest.param(0.05, marks=pytest.mark.slow)])
+def test_pigdm_samples_the_exact_posterior_of_an_isotropic_gaussian(sigma_y, single_thread):
+    """With the exact posterior estimate (above) the DDPM chain converges to the posterior."""
+    prior, op, y = _cs_problem(sigma_y)
+    n = 3000
+    x = get_sampler("pigdm").run(prior, op, y.expand(n, 2), sigma_y, steps=400, noise=1, dtype=F64)
+    _check_moments(x, prior.posterior(op, y[0], sigma_y))
+
+
+def test_ddrm_is_exact_in_its_regime(single_thread):
+    """DDRM's exact regime: noiseless measurements (the observed coordinates are y plus the
+    told noise level), a prior whose spectral coordinates are independent (isotropic
+    Gaussian), and eta = 0 (the unobserved coordinates follow the probability-flow ODE; a
+    fixed eta > 0 re-noises by an amount that does not shrink with the step, so it is not
+    consistent as the steps are refined)."""
+    prior, op, y = _cs_problem(1e-4)
+    n = 3000
+    x = get_sampler("ddrm", eta=0.0).run(
+        prior, op, y.expand(n, 2), 1e-4, steps=300, noise=1, dtype=F64
+    )
+    _check_moments(x, prior.posterior(op, y[0], 1e-4))
+
+
+def test_ddrm_adds_the_noise_level_it_tells_the_denoiser(single_thread):
+    """While the diffusion noise exceeds the measurement noise, DDRM's observed spectral
+    coordinates must be x0 plus noise of exactly the level of the next denoiser call."""
+    prior = _prior()
+    op = CompressedSensing((4,), 2, seed=2)
+    x0 = torch.tensor([[0.3, -0.2, 0.5, 0.0]], dtype=F64)
+    sigma_y, n = 0.05, 4000
+    y = op(x0).expand(n, 2) + sigma_y * torch.randn(
+        n, 2, generator=torch.Generator().manual_seed(0), dtype=F64
+    )
+    svd = op.svd()
+    c_true = svd.Vt(x0)[:, : svd.rank]
+    nbar = sigma_y / svd.s
+    seen = []
+    proc = prior.process
+
+    def record(info):
+        i = info["i"]
+        if i + 1 >= len(times):
+            return
+        t_next = times[i + 1]
+        st = float(proc.sigma_tilde(t_next))
+        if st > 2 * float(nbar.max()):
+            c = svd.Vt(info["x_next"] / float(proc.alpha(t_next)))[:, : svd.rank]
+            seen.append((st, (c - c_true).std(0)))
+
+    from diffusolve.process import make_grid
+
+    times = make_grid(proc, 30, "time_uniform")[:-1]
+    get_sampler("ddrm").run(prior, op, y, sigma_y, grid=times, noise=0, dtype=F64, callback=record)
+    assert len(seen) > 10
+    for st, std in seen:
+        torch.testing.assert_close(std, torch.full_like(std, st), rtol=0.06, atol=0.0)
+
+
+def test_mcgdiff_approaches_the_exact_posterior_with_particles(single_thread):
+    """MCGdiff is asymptotically exact (for the model's backward chain) as particles grow:
+    its mean and covariance match the exact posterior within the sample-size tolerance."""
+    prior, op, y = _cs_problem(0.3)
+    n = 1000
+    post = prior.posterior(op, y[0], 0.3)
+    x = get_sampler("mcgdiff", particles=64).run(
+        prior, op, y.expand(n, 2), 0.3, steps=100, noise=2, dtype=F64
+    )
+    _check_moments(x, post)
+
+
+def test_dps_does_not_ignore_y_at_few_steps(single_thread):
+    """A pitfall: a guidance step that shrinks with the solver step lets y be ignored at
+    small step counts. DPS's step is per step, so at 20 and at 200 steps the samples fit y
+    far better than prior samples do."""
+    prior = _prior()
+    op = Inpainting(torch.tensor([1.0, 1.0, 0.0, 0.0]), (4,))
+    y = torch.tensor([[2.0, -2.0, 0.0, 0.0]], dtype=F64)
+    n = 400
+    prior_fit = (op(prior.sample(n, torch.Generator().manual_seed(0))) - y).norm(dim=1).mean()
+    for steps, zeta in ((20, 1.0), (200, 1.0)):
+        x = get_sampler("dps", zeta=zeta).run(
+            prior, op, y.expand(n, 4), 0.05, steps=steps, noise=0, dtype=F64
+        )
+        fit = (op(x) - y).norm(dim=1).mean()
+        assert fit < 0.35 * prior_fit, (steps, float(fit), float(prior_fit))
