@@ -14,7 +14,7 @@ the mixture itself is the exact denoiser (float64); the exact posterior is a mix
 Example:
     >>> from diffusolve.bench.inverse_tasks import make_problem
     >>> p = make_problem(8, 2, 0)
-    >>> p.matrix.shape, bool(p.s[0] >= p.s[1]), bool(p.sigma_y < p.s[0])
+    >>> tuple(p.matrix.shape), bool(p.s[0] >= p.s[1]), bool(p.sigma_y < p.s[0])
     ((2, 8), True, True)
 """
 
