@@ -131,8 +131,9 @@ def _register_inverse(subparsers: Any) -> None:
             "images: 8 training digits, by PSNR), never on the reported ones. Every finished "
             "job is appended to a JSONL records file (--records), so an interrupted run "
             "continues with --resume. Writes DIR/inverse.md (Markdown tables), "
-            "DIR/inverse_gmm_sw.png and DIR/inverse_panel_<task>.png. The full run takes hours "
-            "on a few CPU cores."
+            "DIR/inverse_gmm_sw.png and DIR/inverse_panel_<task>.png. The full run is long (an "
+            "estimated week on 2 cores, mostly MCGdiff and DAPS at d=800): run parts with "
+            "--methods, --dims and --steps."
         ),
     )
     p.add_argument(
@@ -143,7 +144,8 @@ def _register_inverse(subparsers: Any) -> None:
             f"{QUICK['n_samples']} samples, one tuning problem of {QUICK['tune_samples']} "
             f"samples with at most {QUICK['max_candidates']} candidates (the defaults and the "
             "values next to them); inpaint-box and sr4 on "
-            f"{QUICK['n_images']} digits with default options (no image tuning)"
+            f"{QUICK['n_images']} digits with default options (no image tuning); about 8 "
+            "minutes on 2 busy cores, half of it MCGdiff and DAPS"
         ),
     )
     p.add_argument(
