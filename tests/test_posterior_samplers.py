@@ -30,7 +30,11 @@ from diffusolve.process import ddpm, rectified_flow
 F64 = torch.float64
 NAMES = sorted(SAMPLERS)
 #: options that keep every sampler cheap in the registry-wide tests
-CHEAP = {"mcgdiff": {"particles": 4}, "daps": {"ode_steps": 2, "langevin_steps": 3}}
+CHEAP = {
+    "mcgdiff": {"particles": 4},
+    "tds": {"particles": 4},
+    "daps": {"ode_steps": 2, "langevin_steps": 3},
+}
 
 
 def _prior(d: int = 4, var: float = 1.0, process=None) -> Gaussian:
@@ -338,3 +342,21 @@ def test_dps_does_not_ignore_y_at_few_steps(single_thread):
         )
         fit = (op(x) - y).norm(dim=1).mean()
         assert fit < 0.35 * prior_fit, (steps, float(fit), float(prior_fit))
+
+
+def test_tds_is_exact_for_a_correlated_gaussian_prior(single_thread):
+    """With the Jacobian covariance the twisting potential is exact for any Gaussian prior
+    (here a correlated, non-unit one), so the twisted sampler matches the exact posterior."""
+    cov = torch.tensor(
+        [[2.0, 0.6, 0.0, 0.3], [0.6, 1.0, 0.2, 0.0], [0.0, 0.2, 0.5, 0.1], [0.3, 0.0, 0.1, 1.5]],
+        dtype=F64,
+    )
+    prior = Gaussian(torch.tensor([0.5, -0.3, 0.2, 0.1], dtype=F64), cov, process=ddpm())
+    op = CompressedSensing((4,), 2, seed=3)
+    g = torch.Generator().manual_seed(3)
+    y = op(prior.sample(1, g)) + 0.2 * torch.randn(1, 2, generator=g, dtype=F64)
+    n = 1500
+    x = get_sampler("tds", particles=8).run(
+        prior, op, y.expand(n, 2), 0.2, steps=100, noise=4, dtype=F64
+    )
+    _check_moments(x, prior.posterior(op, y[0], 0.2))

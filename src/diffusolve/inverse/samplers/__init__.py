@@ -26,6 +26,7 @@ from .mcgdiff import MCGdiff
 from .pigdm import PiGDM
 from .reddiff import REDDiff
 from .repaint import RePaint
+from .tds import TDS
 
 __all__ = [
     "SAMPLERS",
@@ -46,6 +47,7 @@ __all__ = [
     "FlowChef",
     "RePaint",
     "MCGdiff",
+    "TDS",
 ]
 
 

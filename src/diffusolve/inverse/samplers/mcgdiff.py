@@ -15,8 +15,9 @@ has the law of the forward-noised coordinate at the level ``st = n_j``: conditio
 * below ``tau_j``, and for the coordinates ``A`` does not see, the backward kernel alone.
 
 The evaluation times are those of the sampler's grid with the levels ``n_j`` put on it
-(the nearest grid levels are moved onto them), so every ``tau_j`` is a grid level; levels
-below the last grid time are handled by the last step (the observation times a Gaussian
+(the nearest grid levels are moved onto them, down to the process's smallest noise level),
+so every ``tau_j`` is a grid level; levels below the process's smallest noise level are
+handled by the last step (the observation times a Gaussian
 ``x0`` of variance ``r_t^2``), coordinates noisier than the start level are ignored (their
 measurement carries no information at that noise). Particles are resampled when the
 effective sample size falls below ``ess * particles`` (every step by default, as in the
@@ -110,22 +111,29 @@ class MCGdiff(PosteriorSampler):
                 "sigma_y; run rows with different sigma_y separately"
             )
         base = make_grid(process, steps, self.grid_kind)[:-1]
-        if steps < 2:
-            return base
-        levels = process.sigma_tilde(base)
-        s = operator.svd().s
         sy = float(sigma_y[0])
-        if sy == 0.0:
+        if steps < 2 or sy == 0.0:
             return base
-        targets = sorted({float(v) for v in sy / s}, reverse=True)
-        times = base.clone()
-        used = {0}
-        lo, hi = float(levels[-1]), float(levels[0])
-        log_levels = torch.log(levels)
+        s = operator.svd().s
+        floor_level = float(process.sigma_tilde(process.t_min))
+        start = float(process.sigma_tilde(base[0]))
+        targets = sorted(
+            {float(v) for v in sy / s if floor_level <= float(v) < start}, reverse=True
+        )
+        if not targets:
+            return base
+        # the grid ends at the sharpest measurement level when it lies below the grid's
+        # last level (so it is an evaluation time, not a long last jump) ...
+        lowest = min(targets[-1], float(process.sigma_tilde(base[-1])))
+        t_end = float(process.t_of_sigma_tilde(torch.tensor(lowest, dtype=torch.float64)))
+        times = make_grid(process, steps - 1, self.grid_kind, t_end=t_end)
+        # ... and the nearest levels (in log noise) move onto the other measurement levels
+        log_levels = torch.log(process.sigma_tilde(times))
+        used = {0, steps - 1}
         for n_j in targets:
-            if not lo <= n_j < hi:
-                continue
             dist = (log_levels - math.log(n_j)).abs()
+            if any(float(dist[k]) < 1e-9 for k in used):
+                continue  # already a grid level (the last one)
             for k in used:
                 dist[k] = math.inf
             k = int(torch.argmin(dist))

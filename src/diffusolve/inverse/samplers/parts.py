@@ -28,6 +28,9 @@ __all__ = [
     "measurement_solve",
     "project",
     "r2_isotropic",
+    "systematic_resample",
+    "pick_one",
+    "normal_cdf",
 ]
 
 
@@ -156,3 +159,49 @@ def measurement_solve(
 
     sol = batched_cg(apply, flat, torch.zeros_like(flat), tol=tol, max_iter=200)
     return op.unflatten_y(sol)
+
+
+# ---------------------------------------------------------------- particles
+def normal_cdf(z: Tensor) -> Tensor:
+    """``Phi(z)``: turns the noise source's normals into uniforms (per-sample seeds kept)."""
+    return 0.5 * (1 + torch.erf(z / math.sqrt(2.0)))
+
+
+def systematic_resample(
+    p: Problem, logw: Tensor, *tensors: Tensor, ess: float = 1.0
+) -> tuple[Tensor, ...]:
+    """Systematic resampling of ``[B, N, ...]`` particle tensors by ``[B, N]`` log weights,
+    for the rows whose effective sample size is below ``ess * N`` (all rows when
+    ``ess >= 1``); resampled rows get equal weights. One uniform per row from the problem's
+    noise source, so a row's result does not depend on its batch."""
+    n = logw.shape[1]
+    w = torch.softmax(logw, dim=1)
+    need = (1.0 / (w * w).sum(1)) < ess * n - 1e-9
+    if ess >= 1.0:
+        need = torch.ones_like(need)
+    if not bool(need.any()):
+        return (logw, *tensors)
+    u = normal_cdf(p.noise((logw.shape[0], 1), dtype=w.dtype, device=w.device))
+    pos = (u + torch.arange(n, dtype=w.dtype, device=w.device)) / n
+    cdf = torch.cumsum(w, 1)
+    cdf[:, -1] = 1.0
+    idx = torch.searchsorted(cdf, pos.contiguous()).clamp(max=n - 1)
+    out = []
+    for t in tensors:
+        flat = t.reshape(t.shape[0], n, -1)
+        picked = torch.gather(flat, 1, idx[..., None].expand(-1, -1, flat.shape[-1]))
+        picked = picked.reshape(t.shape)
+        out.append(torch.where(need.reshape((-1,) + (1,) * (t.ndim - 1)), picked, t))
+    logw = torch.where(need[:, None], torch.zeros_like(logw), logw)
+    return (logw, *out)
+
+
+def pick_one(p: Problem, logw: Tensor, particles: Tensor) -> Tensor:
+    """One particle per row ``[B, ...]`` drawn by the weights (one uniform per row)."""
+    n = logw.shape[1]
+    w = torch.softmax(logw, dim=1)
+    u = normal_cdf(p.noise((logw.shape[0], 1), dtype=w.dtype, device=w.device))
+    cdf = torch.cumsum(w, 1)
+    cdf[:, -1] = 1.0
+    idx = torch.searchsorted(cdf, u.contiguous()).clamp(max=n - 1)[:, 0]
+    return particles[torch.arange(particles.shape[0], device=idx.device), idx]
