@@ -109,7 +109,7 @@ class TDS(PosteriorSampler):
         "Wu, Trippe, Naesseth, Blei, Cunningham. Practical and Asymptotically Exact "
         "Conditional Sampling in Diffusion Models. NeurIPS 2023."
     )
-    SEARCH: ClassVar[dict[str, tuple[Any, ...]]] = {"eta": (0.5, 1.0), "data_var": (0.5, 1.0, 2.0)}
+    SEARCH: ClassVar[dict[str, tuple[Any, ...]]] = {"eta": (0.5, 1.0)}
 
     def __post_init__(self) -> None:
         if isinstance(self.particles, bool) or not isinstance(self.particles, int):
