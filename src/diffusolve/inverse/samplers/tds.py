@@ -81,7 +81,8 @@ class TDS(PosteriorSampler):
             moment ``sigma_t^2 / alpha_t * d x0_hat / d x_t``, exact for any Gaussian prior
             and per mixture component; the solve then takes one vector-Jacobian product per
             conjugate-gradient iteration, at most ``cg_iters``) (default "jacobian").
-        cg_iters: conjugate-gradient iterations of the ``"jacobian"`` solve (default 8).
+        cg_iters: conjugate-gradient iterations of the ``"jacobian"`` solve (default 4:
+            exact for up to 4 measurements, a few Krylov directions beyond).
 
     Example:
         >>> import torch
@@ -101,7 +102,7 @@ class TDS(PosteriorSampler):
     ess: float = 0.5
     data_var: float = 1.0
     covariance: str = "jacobian"
-    cg_iters: int = 8
+    cg_iters: int = 4
 
     name: ClassVar[str] = "tds"
     needs: ClassVar[tuple[str, ...]] = ("linear",)
