@@ -183,6 +183,10 @@ def test_bad_inputs_are_refused():
         get_sampler("nope")
     with pytest.raises(ValueError, match="eta"):
         get_sampler("ddrm", eta=1.5)
+    for name, option in (("mcgdiff", "particles"), ("tds", "particles"), ("dds", "cg_iters")):
+        for bad in (0, 2.5, True):
+            with pytest.raises(ValueError, match=f"{option} must be a positive int"):
+                get_sampler(name, **{option: bad})
 
 
 # ---------------------------------------------------------------- one-step identities

@@ -216,6 +216,11 @@ class PosteriorSampler:
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{self.name}: {k} must be a positive number; got {v!r}")
 
+    def _count(self, **values: int) -> None:
+        for k, v in values.items():
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{self.name}: {k} must be a positive int; got {v!r}")
+
     def _unit(self, **values: float) -> None:
         for k, v in values.items():
             if not (isinstance(v, (int, float)) and 0 <= v <= 1):

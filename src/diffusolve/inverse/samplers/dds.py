@@ -66,12 +66,7 @@ class DDS(PosteriorSampler):
     def __post_init__(self) -> None:
         self._positive(gamma=self.gamma)
         self._unit(eta=self.eta)
-        if (
-            isinstance(self.cg_iters, bool)
-            or not isinstance(self.cg_iters, int)
-            or self.cg_iters < 1
-        ):
-            raise ValueError(f"dds: cg_iters must be a positive int; got {self.cg_iters!r}")
+        self._count(cg_iters=self.cg_iters)
 
     def consistent(self, p: Problem, x0: Tensor) -> Tensor:
         op = p.operator

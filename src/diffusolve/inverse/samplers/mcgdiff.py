@@ -96,10 +96,7 @@ class MCGdiff(PosteriorSampler):
     SEARCH: ClassVar[dict[str, tuple[Any, ...]]] = {"eta": (0.5, 0.85, 1.0)}
 
     def __post_init__(self) -> None:
-        if isinstance(self.particles, bool) or not isinstance(self.particles, int):
-            raise ValueError(f"mcgdiff: particles must be an int; got {self.particles!r}")
-        if self.particles < 1:
-            raise ValueError(f"mcgdiff: particles must be >= 1; got {self.particles}")
+        self._count(particles=self.particles)
         self._unit(eta=self.eta, ess=self.ess)
         self._positive(data_var=self.data_var)
 

@@ -113,10 +113,7 @@ class TDS(PosteriorSampler):
     SEARCH: ClassVar[dict[str, tuple[Any, ...]]] = {"eta": (0.5, 1.0)}
 
     def __post_init__(self) -> None:
-        if isinstance(self.particles, bool) or not isinstance(self.particles, int):
-            raise ValueError(f"tds: particles must be an int; got {self.particles!r}")
-        if self.particles < 1:
-            raise ValueError(f"tds: particles must be >= 1; got {self.particles}")
+        self._count(particles=self.particles)
         if not (isinstance(self.eta, (int, float)) and 0 < self.eta <= 1):
             raise ValueError(
                 f"tds: eta must lie in (0, 1] (the kernel needs noise); got {self.eta!r}"
@@ -127,12 +124,7 @@ class TDS(PosteriorSampler):
             raise ValueError(
                 f"tds: covariance must be 'isotropic' or 'jacobian'; got {self.covariance!r}"
             )
-        if (
-            isinstance(self.cg_iters, bool)
-            or not isinstance(self.cg_iters, int)
-            or self.cg_iters < 1
-        ):
-            raise ValueError(f"tds: cg_iters must be a positive int; got {self.cg_iters!r}")
+        self._count(cg_iters=self.cg_iters)
 
     def _jacobian_solve(
         self, p: Problem, pp: Problem, i: int, xg: Tensor, x0: Tensor, res: Tensor
