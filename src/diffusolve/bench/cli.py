@@ -144,9 +144,8 @@ def _register_inverse(subparsers: Any) -> None:
             f"{QUICK['n_samples']} samples, one tuning problem of {QUICK['tune_samples']} "
             f"samples with at most {QUICK['max_candidates']} candidates (the defaults and the "
             "values next to them); inpaint-box and sr4 on "
-            f"{QUICK['n_images']} digits with default options (no image tuning); 22 "
-            "minutes on 2 cores shared with two other runs, mostly the particle samplers "
-            "(TDS, MCGdiff) and DAPS"
+            f"{QUICK['n_images']} digits with default options (no image tuning); about 2 "
+            "minutes on 2 idle cores"
         ),
     )
     p.add_argument(
