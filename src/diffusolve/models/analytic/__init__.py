@@ -1,8 +1,9 @@
 """Analytic priors with exact score, denoiser, density and probability-flow references."""
 
+from .conditional import ClassConditionalMixture
 from .empirical import Empirical
 from .gaussian import Gaussian
 from .gmm import GaussianMixture
 from .reference import pf_ode_solve, reference_accuracy
 
-__all__ = ["Gaussian", "GaussianMixture", "Empirical", "pf_ode_solve", "reference_accuracy"]
+__all__ = ["ClassConditionalMixture", "Gaussian", "GaussianMixture", "Empirical", "pf_ode_solve", "reference_accuracy"]
