@@ -6,4 +6,5 @@ from .gaussian import Gaussian
 from .gmm import GaussianMixture
 from .reference import pf_ode_solve, reference_accuracy
 
-__all__ = ["ClassConditionalMixture", "Gaussian", "GaussianMixture", "Empirical", "pf_ode_solve", "reference_accuracy"]
+__all__ = ["ClassConditionalMixture", "Gaussian", "GaussianMixture", "Empirical"]
+__all__ += ["pf_ode_solve", "reference_accuracy"]
