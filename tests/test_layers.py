@@ -1,8 +1,8 @@
 """The import graph: imports point down the layers, and no package imports itself in a cycle.
 
-Layers (docs/architecture.md): process < models < solvers < guidance/inverse/inversion <
-bench/train < the package top (``diffusolve.load``, the CLI, the demo). ``metrics`` and the
-``_paths`` helpers import no other diffusolve module, so any layer may use them. Every
+Layers (docs/architecture.md): process < models < solvers < guidance/inverse < inversion <
+edit < bench/train < the package top (``diffusolve.load``, the CLI, the demo). ``metrics``
+and the ``_paths`` helpers import no other diffusolve module, so any layer may use them. Every
 import counts, including the ones inside functions (lazy imports are still dependencies).
 """
 
@@ -24,18 +24,20 @@ LAYERS = {
     "solvers": 2,
     "guidance": 3,
     "inverse": 3,
-    "inversion": 3,
-    "bench": 4,
-    "train": 4,
-    "distributed": 4,
-    "loading": 5,
-    "images": 5,
-    "demo": 5,
-    "sample_cli": 5,
-    "restore_cli": 5,
-    "cli": 5,
-    "__main__": 5,
-    "__init__": 5,
+    "inversion": 4,
+    "edit": 5,
+    "bench": 6,
+    "train": 6,
+    "distributed": 6,
+    "loading": 7,
+    "images": 7,
+    "demo": 7,
+    "sample_cli": 7,
+    "restore_cli": 7,
+    "invert_cli": 7,
+    "cli": 7,
+    "__main__": 7,
+    "__init__": 7,
 }
 #: packages that may import no other diffusolve package at all
 LEAVES = ("_paths", "metrics")

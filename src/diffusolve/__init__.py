@@ -28,10 +28,11 @@ _LAZY = {
     "grid_for_nfe": "diffusolve.solvers",
     "steps_for_nfe": "diffusolve.solvers",
     "load": "diffusolve.loading",
+    "edit": "diffusolve.edit",  # a callable module: diffusolve.edit(model, image, ...)
 }
 
 __all__ = ["process", "sample", "get_solver", "list_solvers", "grid_for_nfe", "steps_for_nfe"]
-__all__ += ["load"]
+__all__ += ["load", "edit"]
 
 
 def __getattr__(name: str) -> Any:
