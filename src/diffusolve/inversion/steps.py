@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
+import torch
 from torch import Tensor
 
-__all__ = ["ddim_move", "eps_from"]
+from ..solvers.base import BoundModel
+
+__all__ = ["ddim_move", "eps_from", "eps_move", "bind", "noise_at", "progress_bar", "step_info"]
 
 
 def eps_from(x: Tensor, x0: Tensor, a: float, s: float) -> Tensor:
@@ -17,3 +23,52 @@ def ddim_move(x: Tensor, x0: Tensor, a: float, s: float, a1: float, s1: float) -
     estimate ``x0``: ``a1 x0 + s1 (x - a x0) / s``. It is affine in ``x`` for a fixed
     ``x0``, which is what exact inversions invert; up (``s1 > s``) or down alike."""
     return a1 * x0 + (s1 / s) * (x - a * x0)
+
+
+def eps_move(x: Tensor, eps: Tensor, a: float, s: float, a1: float, s1: float) -> Tensor:
+    """The DDIM move from ``(a, s)`` to ``(a1, s1)`` with the *noise* estimate ``eps``
+    held fixed: ``a1 (x - s eps) / a + s1 eps = (a1/a) x + (s1 - a1 s / a) eps``.
+
+    Affine in ``x`` for a fixed ``eps`` with slope ``a1 / a > 0``, so it stays invertible
+    when ``s`` or ``s1`` is 0 (EDICT's form; the prompt-to-prompt inversion step)."""
+    r = a1 / a
+    return torch.add(x * r, eps, alpha=s1 - r * s)
+
+
+def bind(model: Any, cond: Any = None) -> BoundModel:
+    """``model`` as a :class:`~diffusolve.solvers.base.BoundModel` with ``cond`` bound
+    (a bound model is returned as it is, so a loop can share one NFE counter)."""
+    if isinstance(model, BoundModel):
+        return model
+    if not hasattr(model, "process"):
+        raise TypeError(
+            f"model must be a denoiser with a .process (model(x, t, cond) -> x0), got "
+            f"{type(model).__name__}"
+        )
+    return BoundModel(model, cond)
+
+
+def noise_at(model: BoundModel, x: Tensor, t: Tensor) -> Tensor:
+    """The model's noise estimate ``(x - a D(x, t)) / s`` at ``(x, t)``; ``s`` must be > 0."""
+    a, s, _ = model.scalars(t)
+    if s <= 0:
+        raise ValueError(
+            f"the noise estimate at t={float(t):g} divides by sigma = {s:g}; the model can "
+            "only be evaluated where sigma > 0"
+        )
+    return (x - a * model(x, t)) / s
+
+
+def progress_bar(progress: bool | None, total: int, desc: str) -> Any:
+    """A tqdm bar (``progress=None``: when stderr is a terminal), or ``None``."""
+    show = sys.stderr.isatty() if progress is None else bool(progress)
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", leave=False)
+
+
+def step_info(i: int, t: Tensor, t_next: Tensor, x: Tensor, x_next: Tensor) -> dict[str, Any]:
+    """The dict a callback receives after a step."""
+    return {"i": i, "t": t, "t_next": t_next, "x": x, "x_next": x_next}
