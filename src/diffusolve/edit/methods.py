@@ -4,8 +4,9 @@ Two families:
 
 * **inversion-based** (``ddim``, ``edict``, ``bdia``, ``null_text``, ``direct``, ``ddcm``):
   invert the image under the source condition with :func:`diffusolve.inversion.invert`,
-  regenerate under the target with :func:`diffusolve.inversion.reconstruct` (``direct``:
-  the inversion package's ``direct_edit``). What is preserved is what each inverter keeps
+  regenerate under the target with :func:`diffusolve.inversion.reconstruct` (for
+  ``direct``: the target branch of ``direct_edit``, the offsets kept on the source branch;
+  with the target equal to the source, the exact reconstruction). What is preserved is what each inverter keeps
   (EDICT's coupled sequences, BDIA's previous state, per-step null embeddings, direct
   inversion's offsets). ``ddim`` inverts without guidance (as P2P / null-text do) and
   regenerates with it. Options are the inverter's (``edit(..., method="edict", p=0.9)``).
@@ -169,10 +170,6 @@ class InversionEdit(EditMethod):
         inverting = ctx.model if self.invert_unguided else guided
         opts = dict(self.inverter_options)
         inv = invert(inverting, x, grid, self.name, cond=ctx.source, **opts)
-        if self.name == "direct":
-            from ..inversion import direct_edit
-
-            return direct_edit(guided, inv, ctx.source, ctx.target)
         return reconstruct(guided, inv, cond=ctx.target)
 
 
