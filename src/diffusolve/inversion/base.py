@@ -81,7 +81,8 @@ def get_inverter(method: str | Inverter, **options: Any) -> Inverter:
 
     A name that is not an inverter but a registered *deterministic* solver (``"ddim"``,
     ``"dpmpp_2m"``, ...) gives :class:`~diffusolve.inversion.reverse.SolverInversion` of
-    that solver (the solver run on the reversed grid), with ``options`` passed to the solver.
+    that solver (the solver run on the reversed grid), with ``options`` passed to the solver
+    except the inverter's own (``evaluate_at``).
     """
     _ensure_loaded()
     if isinstance(method, Inverter):
@@ -91,7 +92,11 @@ def get_inverter(method: str | Inverter, **options: Any) -> Inverter:
     if method in INVERTERS:
         return INVERTERS[method](**options)
     from ..solvers import get_solver, list_solvers
+    from .reverse import SolverInversion
 
+    # the reversed-grid inverter's own options (evaluate_at); the rest are the solver's
+    own = {f.name for f in dataclasses.fields(SolverInversion)} - {"solver"}
+    inverter_options = {k: options.pop(k) for k in list(options) if k in own}
     try:
         solver = get_solver(method, **options)
     except (KeyError, ValueError) as err:
@@ -100,9 +105,7 @@ def get_inverter(method: str | Inverter, **options: Any) -> Inverter:
             f"deterministic solver also inverts on the reversed grid ({list_solvers()}). "
             f"({err})"
         ) from None
-    from .reverse import SolverInversion
-
-    return SolverInversion(solver=solver)
+    return SolverInversion(solver=solver, **inverter_options)
 
 
 def sampling_grid(
