@@ -1,10 +1,12 @@
 """BDIA: exact inversion by bi-directional integration approximation (Zhang et al.).
 
 Zhang, Lewis & Kleijn, "Exact Diffusion Inversion via Bi-directional Integration
-Approximation" (ECCV 2024). On the sampling grid ``t_0 > t_1 > ... > t_n`` with states
-``z_k`` and the DDIM move of ``z_k`` to ``t_j`` with the x0 estimate ``D_k = D(z_k, t_k)``,
+Approximation" (arXiv 2307.10829, 2023). On the sampling grid ``t_0 > t_1 > ... > t_n``
+with states ``z_k`` and the DDIM move of ``z_k`` to ``t_j`` with the x0 estimate
+``D_k = D(z_k, t_k)``,
 
-    ``M_j(z_k) = a_j D_k + s_j (z_k - a_k D_k) / s_k``,  ``Delta(t_k -> t_j | z_k) = M_j(z_k) - z_k``,
+    ``M_j(z_k) = a_j D_k + s_j (z_k - a_k D_k) / s_k``,
+    ``Delta(t_k -> t_j | z_k) = M_j(z_k) - z_k``,
 
 the step (the paper's, with its indices running the other way) is
 
@@ -235,7 +237,7 @@ class BDIA(TwoStateInverter):
     name = "bdia"
     citation = (
         "Zhang, Lewis & Kleijn, Exact Diffusion Inversion via Bi-directional Integration "
-        "Approximation, ECCV 2024"
+        "Approximation, arXiv 2307.10829 (2023)"
     )
 
     def __post_init__(self) -> None:

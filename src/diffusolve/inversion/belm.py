@@ -1,11 +1,11 @@
 """O-BELM: the optimal second-order bidirectional explicit linear multistep sampler.
 
-Wang, Zhang, Luo, Wang & Ma, "BELM: Bidirectional Explicit Linear Multi-step Sampler for
-Exact Inversion in Diffusion Models" (NeurIPS 2024). In ``x~ = x / alpha`` and
-``u = sigma / alpha`` the probability-flow ODE is ``dx~/du = eps(x, t)``. A BELM step
-``z_(k+1) = b z~_(k-1) + a z~_k + c eps_k`` (in ``x~``, on the grid
-``t_0 > t_1 > ... > t_n``) is explicit in ``z_(k+1)`` *and* in ``z_(k-1)``, so it inverts
-exactly. With the step sizes ``h_p = u_(k-1) - u_k`` (the previous step) and
+Wang, Yin, Dong, Zhu, Zhang, Zhao, Qian & Li, "BELM: Bidirectional Explicit Linear
+Multi-step Sampler for Exact Inversion in Diffusion Models" (NeurIPS 2024). In
+``x~ = x / alpha`` and ``u = sigma / alpha`` the probability-flow ODE is
+``dx~/du = eps(x, t)``. A two-step BELM step ``z~_(k+1) = b z~_(k-1) + a z~_k + c eps_k``
+(on the grid ``t_0 > t_1 > ... > t_n``, ``eps_k`` the model's noise estimate at
+``(z_k, t_k)``) is explicit in ``z_(k+1)`` *and* in ``z_(k-1)``, so it inverts exactly. With the step sizes ``h_p = u_(k-1) - u_k`` (the previous step) and
 ``h_n = u_k - u_(k+1)`` (the next), the Taylor expansion of ``x~`` about ``u_k`` fixes the
 coefficients that make the local error ``O(h^3)`` (global order 2):
 
@@ -70,8 +70,9 @@ class BELM(TwoStateInverter):
 
     name = "belm"
     citation = (
-        "Wang, Zhang, Luo, Wang & Ma, BELM: Bidirectional Explicit Linear Multi-step "
-        "Sampler for Exact Inversion in Diffusion Models, NeurIPS 2024 (O-BELM)"
+        "Wang, Yin, Dong, Zhu, Zhang, Zhao, Qian & Li, BELM: Bidirectional Explicit "
+        "Linear Multi-step Sampler for Exact Inversion in Diffusion Models, NeurIPS 2024 "
+        "(O-BELM)"
     )
 
     def coefficients(
