@@ -21,9 +21,12 @@ per step. With ``leapfrog=True`` the roles of ``x`` and ``y`` swap on odd steps 
 
 Inversion starts both sequences at the data; the :class:`~.base.Inversion`'s ``latent`` is
 ``x`` at the noisiest time and ``aux["y"]`` the second sequence there. Reconstruction
-returns ``x`` at the clean end. The round trip is exact up to rounding (each unmixing
-divides by ``p``, so rounding errors grow by about ``1/p`` per step: use float64 for long
-grids).
+returns ``x`` at the clean end. The round trip is exact up to rounding, but the two
+sequences drift apart during sampling unless the mixing damps the drift, and rounding
+errors ride on that drift: measured relative round-trip errors on float32 mixtures with
+``p = 0.93`` are 3e-4 (20 steps), 1-4e-5 (50) and 2-4e-7 (100), and 1e-3 on the digits
+UNet at 10 steps; in float64 1e-14-5e-11. Use float64, more steps, or a smaller ``p``
+(0.9: 7e-7 at 50 steps) when the round trip must be tight in float32.
 
 Paper defaults: ``p = 0.93`` ("values in [0.9, 0.97] generally effective for 50 steps"),
 leapfrog on, 50 steps, guidance 3 for editing.
