@@ -311,3 +311,43 @@ def test_attention_method_without_cross_attention_is_a_clear_error():
         diffusolve.edit(
             digits, torch.zeros(1, 1, 16, 16), source=3, target=8, method="guide_rescale"
         )
+
+
+# ---------------------------------------------------------------------------------------
+# the class-conditional digits model (inversion-based methods)
+
+
+def _centroid(images):
+    from diffusolve.models.attributes import ink
+
+    w = ink(images)[:, 0]
+    m = w.sum((1, 2))
+    r = torch.arange(images.shape[-1], dtype=images.dtype)
+    return torch.stack([(w.sum(2) * r).sum(1) / m, (w.sum(1) * r).sum(1) / m], 1)
+
+
+def test_class_digits_three_into_eight_with_direct_inversion():
+    """A 3 edited into an 8 (direct inversion from t = 500 of 999, guidance 3) is classified
+    as an 8 and keeps its stroke thickness and position much better than another 8 would;
+    with the target equal to the source the edit is the input (exact inversion).
+    Measured on 6 held-out threes, 10 steps: all 8; mean |change| of thickness 0.10 px
+    (0.37 to random eights), of the ink centroid 0.41 px (0.82)."""
+    from diffusolve.models import load_classifier
+    from diffusolve.models.attributes import thickness
+    from diffusolve.models.data import load_digits
+
+    x, y = load_digits("heldout")
+    threes, eights = x[y == 3][:6], x[y == 8][:40]
+    model = diffusolve.load("digits")
+    kw = dict(source=3, method="direct", steps=10, guidance=3.0, t_start=500.0)
+    with torch.no_grad():
+        same = diffusolve.edit(model, threes, target=3, **kw)
+        out = diffusolve.edit(model, threes, target=8, **kw)
+        labels = load_classifier()(out, torch.zeros(len(out))).argmax(1)
+    assert (same - threes).abs().max() < 1e-4
+    assert labels.tolist() == [8] * 6
+    d_thick = (thickness(out) - thickness(threes)).abs().mean()
+    ref_thick = (thickness(threes)[:, None] - thickness(eights)[None]).abs().mean()
+    d_pos = (_centroid(out) - _centroid(threes)).norm(dim=1).mean()
+    ref_pos = (_centroid(threes)[:, None] - _centroid(eights)[None]).norm(dim=-1).mean()
+    assert d_thick < 0.5 * ref_thick and d_pos < 0.7 * ref_pos
