@@ -20,7 +20,7 @@ from diffusolve.inversion.ddcm import DDCMInversion, ddcm_edit
 from diffusolve.inversion.direct import direct_edit
 from diffusolve.inversion.fixed_point import FixedPointInversion
 from diffusolve.models import Gaussian, GaussianMixture
-from diffusolve.models.base import Denoiser
+from diffusolve.models.base import Denoiser, from_callable
 from diffusolve.process import rectified_flow, vp_linear
 from diffusolve.solvers.base import BoundModel
 
@@ -222,6 +222,21 @@ def test_null_text_reconstructs_under_guidance(scale):
     assert err(reconstruct(model, neg), x) < 0.5 * ddim_err
     edited = reconstruct(model, inv, cond=torch.zeros_like(cond))
     assert torch.isfinite(edited).all() and err(edited, x) > 10 * nt_err
+
+
+def test_null_text_optimises_the_float_leaves_of_a_dict_condition():
+    net, cond, null, x = float_cond_problem(dc=16)
+    as_dict = from_callable(
+        lambda z, t, c: net(z, t, c["emb"]), net.process, "x0", accepts_cond=True
+    )
+    plain = ClassifierFreeGuidance(net, 3.0, null_cond=null)
+    keyed = ClassifierFreeGuidance(as_dict, 3.0, null_cond={"emb": null, "flag": torch.tensor([0])})
+    dcond = {"emb": cond, "flag": torch.tensor([1])}
+    a = invert(plain, x, 6, "null_text", cond=cond)
+    b = invert(keyed, x, 6, "null_text", cond=dcond)
+    assert torch.equal(b.aux["null_conds"][-1]["flag"], torch.zeros(6, dtype=torch.long))
+    assert err(b.aux["null_conds"][-1]["emb"], a.aux["null_conds"][-1]) < 1e-12
+    assert err(reconstruct(keyed, b), reconstruct(plain, a)) < 1e-12
 
 
 def test_null_text_refuses_models_without_a_float_null_condition():

@@ -14,7 +14,10 @@ at most ``num_inner_steps`` updates, stopping once the loss (mean square per sam
 below ``early_stop_epsilon + i * 2e-5``; ``phi_i`` starts from ``phi_(i-1)`` (the model's
 null condition at the first step), and ``zb_(i+1)`` is the guided step with ``phi_i``.
 ``aux["null_conds"]`` keeps ``phi_0 .. phi_(n-1)`` (one per sample); the reconstruction
-is the guided DDIM sampler with them (under another condition: an edit).
+is the guided DDIM sampler with them (under another condition: an edit). A null condition
+that is a dict of forward arguments has all its floating-point tensors optimised (such an
+inversion is used in memory; :meth:`~diffusolve.inversion.Inversion.save` stores tensor
+null conditions only).
 
 **Negative-prompt inversion** sets ``phi_i := cond`` (no optimisation): the reconstruction
 is the guided sampler with the source condition as the null condition, which for the
@@ -22,8 +25,8 @@ source condition itself is the conditional model, the inverse of the pivot inver
 
 Both need a :class:`~diffusolve.guidance.ClassifierFreeGuidance` model (or a label model
 around one, as ``diffusolve.load("digits", guidance=w)``); null-text inversion also needs a
-null condition that is a float tensor (an embedding): an integer class label cannot be
-optimised.
+null condition that holds a float tensor (an embedding): an integer class label cannot be
+optimised, and is refused with an error.
 """
 
 from __future__ import annotations
@@ -144,21 +147,56 @@ def same_cond(a: Any, b: Any) -> bool:
         return False
 
 
-def _expand_null(null: Any, batch: int) -> Tensor:
-    """The null condition as one float tensor per sample, ``[B, ...]`` (refuses others)."""
-    if not isinstance(null, Tensor) or not null.is_floating_point():
-        kind = type(null).__name__ if not isinstance(null, Tensor) else f"{null.dtype} tensor"
+def _tree_map(fn: Callable[[Any], Any], obj: Any) -> Any:
+    """``fn`` applied to the leaves of a condition (a tensor or nested dicts of them)."""
+    if isinstance(obj, Mapping):
+        return {k: _tree_map(fn, v) for k, v in obj.items()}
+    return fn(obj)
+
+
+def _float_leaves(obj: Any) -> list[Tensor]:
+    """The floating-point tensors of a condition (what null-text inversion optimises)."""
+    if isinstance(obj, Mapping):
+        return [leaf for v in obj.values() for leaf in _float_leaves(v)]
+    return [obj] if isinstance(obj, Tensor) and obj.is_floating_point() else []
+
+
+def _expand_null(null: Any, batch: int, device: torch.device) -> Any:
+    """The null condition with one copy per sample (``[B, ...]`` leaves); refuses a
+    condition without a floating-point tensor (nothing to optimise)."""
+    if not _float_leaves(null):
+        kind = f"{null.dtype} tensor" if isinstance(null, Tensor) else type(null).__name__
         raise TypeError(
             "null-text inversion optimises the null condition, so it must be a float tensor "
-            f"(an embedding, e.g. the empty prompt's); this model's null condition is a {kind}. "
-            "Use a model whose condition is an embedding, or 'negative_prompt' / 'direct' "
-            "inversion, which need no optimisation."
+            "(an embedding, e.g. the empty prompt's) or a dict holding float tensors; this "
+            f"model's null condition is a {kind}. Use a model whose condition is an "
+            "embedding, or 'negative_prompt' / 'direct' inversion, which need no optimisation."
         )
-    if null.ndim == 0 or null.shape[0] not in (1, batch):
-        raise ValueError(
-            f"the null condition must have batch size 1 or {batch}, got shape {tuple(null.shape)}"
-        )
-    return null.expand((batch,) + tuple(null.shape[1:])).clone()
+
+    def expand(v: Any) -> Any:
+        if not isinstance(v, Tensor):
+            return v
+        if v.ndim == 0 or v.shape[0] not in (1, batch):
+            raise ValueError(
+                f"the null condition must have batch size 1 or {batch}, got shape {tuple(v.shape)}"
+            )
+        return v.to(device).expand((batch,) + tuple(v.shape[1:])).clone()
+
+    return _tree_map(expand, null)
+
+
+def _leaf_grad(v: Any) -> Any:
+    if isinstance(v, Tensor) and v.is_floating_point():
+        return v.detach().clone().requires_grad_(True)
+    return v
+
+
+def _to(v: Any, like: Tensor) -> Any:
+    return v.to(like.device) if isinstance(v, Tensor) else v
+
+
+def _detach(v: Any) -> Any:
+    return v.detach() if isinstance(v, Tensor) else v
 
 
 @register
@@ -228,14 +266,14 @@ class NullTextInversion(Inverter):
                 "embedding."
             )
         b = x.shape[0]
-        phi = _expand_null(parts.null_cond, b).to(device=x.device)
+        phi = _expand_null(parts.null_cond, b, x.device)
         c = parts.net_cond(cond, b, x.device)
         scalars = BoundModel(model, cond, grid).scalars
         with torch.no_grad():
             pivot = ddim_pivot(lambda z, t: parts.branch(z, t, c), scalars, x.detach(), grid)
         steps = Steps(grid, up=False, desc=self.name, progress=progress, callback=callback)
         w = parts.scale
-        nulls: list[Tensor] = []
+        nulls: list[Any] = []
         losses: list[float] = []
         z = pivot[0]
         for i, t, t_next in steps:
@@ -246,10 +284,10 @@ class NullTextInversion(Inverter):
                 x0_c = parts.branch(z, t, c)
             lr = self.lr * max(0.0, 1.0 - i / 100.0)
             threshold = self.early_stop_epsilon + i * 2e-5
-            phi = phi.detach().clone().requires_grad_(True)
+            phi = _tree_map(_leaf_grad, phi)
             loss_max = math.inf
             if self.num_inner_steps > 0:
-                opt = torch.optim.Adam([phi], lr=lr)
+                opt = torch.optim.Adam(_float_leaves(phi), lr=lr)
                 for _ in range(self.num_inner_steps):
                     with torch.enable_grad():
                         x0_u = parts.branch(z, t, phi)
@@ -262,7 +300,7 @@ class NullTextInversion(Inverter):
                     loss_max = float(loss_per.detach().max())
                     if loss_max < threshold:
                         break
-            phi = phi.detach()
+            phi = _tree_map(_detach, phi)
             nulls.append(phi)
             losses.append(loss_max)
             with torch.no_grad():
@@ -296,7 +334,7 @@ class NullTextInversion(Inverter):
             inversion.grid, up=False, desc=self.name, progress=progress, callback=callback
         )
         return ddim_sample(
-            lambda z, t, i: parts.guided(z, t, c, null=nulls[i].to(z.device)),
+            lambda z, t, i: parts.guided(z, t, c, null=_tree_map(lambda v: _to(v, z), nulls[i])),
             scalars,
             latent,
             steps,
