@@ -351,3 +351,51 @@ def test_class_digits_three_into_eight_with_direct_inversion():
     d_pos = (_centroid(out) - _centroid(threes)).norm(dim=1).mean()
     ref_pos = (_centroid(threes)[:, None] - _centroid(eights)[None]).norm(dim=-1).mean()
     assert d_thick < 0.5 * ref_thick and d_pos < 0.7 * ref_pos
+
+
+# ---------------------------------------------------------------------------------------
+# the token-conditioned wrapper (random weights: the caption path, not image quality)
+
+
+@pytest.fixture(scope="module")
+def token_model():
+    from diffusolve.models.bundled import TokenConditioned
+    from diffusolve.models.tokens import DigitsTokenizer, TokenEmbedding
+
+    torch.manual_seed(0)
+    tok = DigitsTokenizer()
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=D,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    ).double()
+    encoder = TokenEmbedding(len(tok), tok.max_length, D).double()
+    return TokenConditioned(from_diffusers(unet, SCHED), tok, encoder)
+
+
+def test_captions_word_swap_equalizer_and_unknown_words(token_model):
+    x = _conds()[0]
+    kw = dict(source="thin three", method="p2p", steps=3, guidance=3.0)
+    with torch.no_grad():
+        swap = diffusolve.edit(token_model, x, target="thick three", **kw)
+        heavy = diffusolve.edit(token_model, x, target="thick three", equalizer={"thick": 3}, **kw)
+        ids = token_model.tokenizer.encode(["thin three", "thick three"])
+    assert token_alignment(ids[0], ids[1], 5).tolist() == [0, 1, 2, 3, 4]  # a word swap
+    assert torch.isfinite(swap).all() and (heavy - swap).abs().max() > 1e-6
+    with pytest.raises(ValueError, match="unknown word 'purple'"):
+        diffusolve.edit(token_model, x, target="purple three", **kw)
+    with pytest.raises(ValueError, match="not in the target prompt"):
+        diffusolve.edit(token_model, x, target="thick three", equalizer={"eight": 2.0}, **kw)
+    for method in ("uam", "guide_rescale"):
+        with torch.no_grad():
+            out = diffusolve.edit(
+                token_model, x, source="three", target="eight", method=method, steps=3
+            )
+        assert out.shape == x.shape and torch.isfinite(out).all()

@@ -463,7 +463,9 @@ class GuideAndRescale(EditMethod):
         if not 0 < lo <= hi:
             raise ValueError(f"rescale must be (lo, hi) with 0 < lo <= hi, got {self.rescale}")
 
-    def _energy_grad(self, ctx: EditContext, unet: Any, z: Tensor, ref: Tensor, t: Tensor):
+    def _energy_grad(
+        self, ctx: EditContext, unet: Any, z: Tensor, ref: Tensor, t: Tensor
+    ) -> Tensor:
         module = dict(unet.named_modules()).get(self.feature_module)
         if module is None:
             raise ValueError(f"the UNet has no module {self.feature_module!r}")
