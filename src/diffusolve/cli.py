@@ -146,6 +146,10 @@ def build_parser(*, bench: bool = True) -> argparse.ArgumentParser:
 
     add_restore(sub).set_defaults(func=_cmd_restore)
 
+    from .invert_cli import add_parsers as add_invert
+
+    add_invert(sub)
+
     p = sub.add_parser("demo", help="the main job: a tour of the library on the bundled model")
     p.add_argument("--out", default="diffusolve-demo", help="output folder")
     p.add_argument("--quick", action="store_true", help="fewer samples (for tests)")

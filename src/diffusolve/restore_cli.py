@@ -66,7 +66,9 @@ def psnr(x: Tensor, ref: Tensor, data_range: float = 2.0) -> Tensor:
     return 10 * torch.log10(data_range**2 / mse)
 
 
-def read_image(path: str | Path, shape: tuple[int, ...]) -> tuple[Tensor, str | None]:
+def read_image(
+    path: str | Path, shape: tuple[int, ...], flag: str = "--input"
+) -> tuple[Tensor, str | None]:
     """The image at ``path`` as ``[1, C, H, W]`` float32 in [-1, 1] for a model of per-sample
     ``shape`` ``(C, H, W)`` (C = 1: greyscale, C = 3: RGB), and a note when it was resized
     (else None)."""
@@ -76,23 +78,23 @@ def read_image(path: str | Path, shape: tuple[int, ...]) -> tuple[Tensor, str | 
 
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ValueError(f"--input {path}: no such file")
+        raise ValueError(f"{flag} {path}: no such file")
     c, h, w = shape
     if c not in (1, 3):
-        raise ValueError(f"--input needs a model with 1 or 3 channels; this one has {c}")
+        raise ValueError(f"{flag} needs a model with 1 or 3 channels; this one has {c}")
     try:
         with Image.open(path) as img:
             img = img.convert("L" if c == 1 else "RGB")
             note = None
             if img.size != (w, h):
                 note = (
-                    f"note: resized --input {path.name} from {img.size[0]}x{img.size[1]} to the "
+                    f"note: resized {flag} {path.name} from {img.size[0]}x{img.size[1]} to the "
                     f"model's {w}x{h} (bilinear)"
                 )
                 img = img.resize((w, h), Image.BILINEAR)
             arr = np.asarray(img, dtype=np.float32)
     except UnidentifiedImageError:
-        raise ValueError(f"--input {path}: not an image Pillow can read") from None
+        raise ValueError(f"{flag} {path}: not an image Pillow can read") from None
     x = torch.from_numpy(arr.copy()).reshape(h, w, c).permute(2, 0, 1)[None]
     return x / 127.5 - 1.0, note
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register", "samplers_main", "overhead_main", "inverse_main"]
+__all__ = ["register", "samplers_main", "overhead_main", "inverse_main", "inversion_main"]
 
 
 def _csv(text: str) -> list[str]:
@@ -111,6 +111,139 @@ def register(subparsers: Any) -> None:
     o.add_argument("--profile", action="store_true", help="profile our loop even when it is faster")
     o.set_defaults(func=overhead_main, handler=overhead_main)
     _register_inverse(subparsers)
+    _register_inversion(subparsers)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(s) for s in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
+def _register_inversion(subparsers: Any) -> None:
+    from .inversion import FULL, TASKS
+
+    p = subparsers.add_parser(
+        "inversion",
+        help="round-trip error of every inversion method, with diffusers' DDIM inversion",
+        description=(
+            "Every registered inverter (and reversed ddim / dpmpp_2m) inverts data and "
+            "regenerates it: an exact class-conditional Gaussian mixture (d=64, DDPM and "
+            "rectified flow) and held-out digits with the bundled model, at classifier-free "
+            "guidance 1, 3 and 7.5, 10, 20 and 50 steps, float32 and float64; relative L2 "
+            "round-trip error, seconds, network evaluations. diffusers' DDIMInverseScheduler "
+            "+ DDIMScheduler run on the same models at the same steps. Every finished job is "
+            "appended to a JSONL records file (--records); --resume continues. Writes "
+            "DIR/inversion.md and DIR/inversion_<task>_<dtype>.png."
+        ),
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small run: 20 steps, guidance 1 and 3, the GMM tasks in both dtypes, 4 digits "
+        "in float32",
+    )
+    p.add_argument("--out", metavar="DIR", default="bench-out", help="report and plots")
+    p.add_argument("--records", metavar="PATH.jsonl", help="default DIR/inversion.jsonl")
+    p.add_argument("--resume", action="store_true", help="continue the run in --records")
+    p.add_argument("--force", action="store_true", help="start over: overwrite outputs")
+    p.add_argument("--json", metavar="PATH", help="write the full result as JSON")
+    p.add_argument("--methods", type=_csv, help="inverters or solvers (default: every inverter)")
+    p.add_argument("--tasks", type=_csv, help=f"tasks among {_join(TASKS)}")
+    p.add_argument("--cfg", type=_floats, help=f"guidance scales (default {_join(FULL['cfgs'])})")
+    p.add_argument("--steps", type=_ints, help=f"step counts (default {_join(FULL['steps'])})")
+    p.add_argument("--dtypes", type=_csv, help="float32,float64 (default both)")
+    p.add_argument("--n-gmm", type=int, help=f"GMM samples (default {FULL['n_gmm']})")
+    p.add_argument("--n-digits", type=int, help=f"held-out digits (default {FULL['n_digits']})")
+    p.add_argument("--no-diffusers", action="store_true", help="skip diffusers' DDIM inversion")
+    p.add_argument("--no-progress", action="store_true", help="no per-job progress lines")
+    p.set_defaults(func=inversion_main, handler=inversion_main)
+
+
+def _inversion_options(args: argparse.Namespace) -> dict[str, Any]:
+    from .inversion import DTYPES, TASKS, check_methods
+
+    opts: dict[str, Any] = {"quick": bool(args.quick)}
+    try:
+        opts["methods"] = check_methods(args.methods)
+    except ValueError as e:
+        raise UsageError(f"--methods: {str(e).splitlines()[0]}") from None
+    for flag, key, value, known in (
+        ("--tasks", "tasks", args.tasks, TASKS),
+        ("--dtypes", "dtypes", args.dtypes, tuple(DTYPES)),
+    ):
+        if value is not None:
+            bad = [v for v in value if v not in known]
+            if not value or bad:
+                raise UsageError(f"{flag}: choose from {_join(known)}")
+            opts[key] = list(value)
+    if args.cfg is not None:
+        if not args.cfg or min(args.cfg) < 0:
+            raise UsageError(f"--cfg must be numbers >= 0, got {args.cfg}")
+        opts["cfgs"] = list(args.cfg)
+    if args.steps is not None:
+        if not args.steps or min(args.steps) < 1:
+            raise UsageError(f"--steps must be positive integers, got {args.steps}")
+        opts["steps"] = list(args.steps)
+    for flag, key, value in (
+        ("--n-gmm", "n_gmm", args.n_gmm),
+        ("--n-digits", "n_digits", args.n_digits),
+    ):
+        _positive(flag, value)
+        if value is not None:
+            opts[key] = value
+    if args.no_diffusers:
+        opts["diffusers"] = False
+    if args.resume and args.force:
+        raise UsageError("--resume continues a run and --force starts it over; pass one of them")
+    out = Path(args.out)
+    _check_dir(out, "--out")
+    report = out / "inversion.md"
+    if report.exists() and not (args.force or args.resume):
+        raise UsageError(f"report {report} already exists; pass --force to overwrite it")
+    if args.json:
+        _check_file(Path(args.json), "--json", force=args.force, may_exist=args.resume)
+    rec = Path(args.records) if args.records else out / "inversion.jsonl"
+    _check_file(rec, "--records", force=True)
+    if rec.exists() and not (args.resume or args.force):
+        raise UsageError(
+            f"records file {rec} already exists: pass --resume to continue that run or --force "
+            "to start it over"
+        )
+    opts.update(records=rec, resume=bool(args.resume), overwrite=bool(args.force))
+    return opts
+
+
+def inversion_main(args: argparse.Namespace) -> int:
+    from .inversion import markdown_report, plot_results, run_inversion
+
+    try:
+        opts = _inversion_options(args)
+    except UsageError as e:
+        return _error(str(e))
+    try:
+        result = run_inversion(progress=not args.no_progress, **opts)
+    except KeyboardInterrupt:
+        _error(
+            f"interrupted; the finished jobs are in {opts['records']}: rerun the same command "
+            "with --resume to continue"
+        )
+        return 130
+    except (ValueError, FileExistsError) as e:
+        return _error(str(e).splitlines()[0])
+    text = markdown_report(result)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "inversion.md").write_text(text + "\n")
+    print(f"wrote {out / 'inversion.md'}")
+    for path in plot_results(result, out):
+        print(f"wrote {path}")
+    _write_json(args.json, result)
+    return 0
 
 
 def _register_inverse(subparsers: Any) -> None:

@@ -1,0 +1,137 @@
+"""``diffusolve invert`` / ``reconstruct`` and ``bench inversion``: files, round trips,
+refusals, and a tiny resumable bench run. Few steps: these check the commands; the
+inverters' own tests check the mathematics."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusolve.bench import inversion as binv
+from diffusolve.cli import main
+
+
+@pytest.fixture(scope="module")
+def digit(tmp_path_factory):
+    """A held-out digit (label 1) as a 16x16 PNG and the [-1, 1] image the command reads."""
+    from diffusolve.models.data import load_digits
+
+    x, y = load_digits("heldout")
+    arr = ((x[0, 0].numpy() + 1) * 127.5).round().astype(np.uint8)
+    path = tmp_path_factory.mktemp("input") / "digit.png"
+    Image.fromarray(arr, "L").save(path)
+    return path, int(y[0])
+
+
+def test_invert_then_reconstruct_is_exact_and_refuses_overwrite(tmp_path, capsys, digit):
+    lat = tmp_path / "lat.safetensors"
+    argv = ["invert", "--image", str(digit[0]), "--label", str(digit[1]), "--method", "bdia"]
+    argv += ["--steps", "4", "--out", str(lat), "--no-progress"]
+    assert main(argv) == 0
+    line = capsys.readouterr().out
+    assert "bdia inversion, 4 steps" in line
+    err = float(line.rsplit("error", 1)[1])
+    assert err < 1e-12  # float64 by default: an exact scheme is exact
+    before = lat.read_bytes()
+    assert main(argv) == 2
+    assert "--force" in capsys.readouterr().err
+    assert lat.read_bytes() == before
+
+    rec = tmp_path / "rec.png"
+    assert main(["reconstruct", "--inversion", str(lat), "--out", str(rec), "--scale", "1"]) == 0
+    assert np.array_equal(np.asarray(Image.open(rec)), np.asarray(Image.open(digit[0])))
+    other = tmp_path / "other.png"
+    argv = ["reconstruct", "--inversion", str(lat), "--label", "8", "--out", str(other)]
+    assert main(argv + ["--scale", "1"]) == 0  # another class: an edit along the exact path
+    assert not np.array_equal(np.asarray(Image.open(other)), np.asarray(Image.open(rec)))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--label", "11"], "labels must be in"),
+        (["--prompt", "thin three"], "--prompt needs a token-conditioned model"),
+        (["--method", "ddpm"], "stochastic"),
+        (["--method", "nope"], "unknown inversion method"),
+        (["--steps", "0"], "--steps"),
+        (["--out", "x.png"], ".safetensors"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path, capsys, digit, extra, message):
+    argv = ["invert", "--image", str(digit[0]), "--steps", "2", "--no-progress"]
+    argv += ["--out", str(tmp_path / "l.safetensors")]
+    assert main(argv + extra) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_invert_list_names_every_inverter(capsys):
+    from diffusolve.inversion import list_inverters
+
+    assert main(["invert", "--list"]) == 0
+    text = capsys.readouterr().out
+    for name in list_inverters():
+        assert name in text
+
+
+def test_bench_inversion_tiny_run_resumes(tmp_path, capsys):
+    out = tmp_path / "b"
+    argv = ["bench", "inversion", "--methods", "edict,ddim", "--tasks", "gmm-d64"]
+    argv += ["--cfg", "1,3", "--steps", "3", "--dtypes", "float64", "--n-gmm", "4"]
+    argv += ["--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    text = (out / "inversion.md").read_text()
+    assert "edict" in text and "diffusers DDIMInverseScheduler" in text
+    lines = (out / "inversion.jsonl").read_text().splitlines()
+    recs = [json.loads(x) for x in lines[1:]]
+    assert len(recs) == 6  # 2 scales x (2 methods + diffusers)
+    for r in recs:
+        assert {"library", "method", "task", "nfe", "cfg", "dtype", "recon_error"} <= set(r)
+        assert {"seconds", "nfe_used"} <= set(r)
+    edict = [r for r in recs if r["method"] == "edict"]
+    assert all(r["recon_error"] < 1e-10 for r in edict)
+    assert all(r["nfe_used"] == 2 * 2 * 3 for r in edict)  # 2 evaluations a step, both ways
+    assert main(argv) == 2  # the report exists: --resume or --force
+    assert "--force" in capsys.readouterr().err
+    assert main(argv + ["--resume"]) == 0
+    assert len((out / "inversion.jsonl").read_text().splitlines()) == len(lines)
+
+
+def test_diffusers_ddim_round_trip_matches_our_reversed_ddim_in_kind():
+    """Both first-order DDIM inversions: errors of the same order, shrinking with steps."""
+    errs = {}
+    for steps in (5, 20):
+        out = binv.run_inversion(
+            methods=["ddim"],
+            tasks=["gmm-d64"],
+            cfgs=[1.0],
+            steps=[steps],
+            dtypes=["float64"],
+            n_gmm=16,
+            progress=False,
+        )
+        errs[steps] = {r["library"]: r["recon_error"] for r in out["records"]}
+    for lib in ("diffusolve", "diffusers"):
+        assert errs[20][lib] < errs[5][lib]
+    ratio = errs[20]["diffusolve"] / errs[20]["diffusers"]
+    assert 0.1 < ratio < 10
+
+
+def test_mixed_precision_keeps_exact_schemes_exact():
+    """A float32 network driving float64 latents: EDICT's round trip at float64 level."""
+    out = binv.run_inversion(
+        methods=["edict"],
+        tasks=["digits"],
+        cfgs=[3.0],
+        steps=[3],
+        dtypes=["mixed"],
+        n_digits=2,
+        diffusers=False,
+        progress=False,
+    )
+    (rec,) = out["records"]
+    assert rec["dtype"] == "mixed" and rec["recon_error"] < 1e-11
+    assert torch.float32 == binv.DTYPES["mixed"][0]
