@@ -94,10 +94,13 @@ QUICK: dict[str, Any] = dict(
 
 # ----------------------------------------------------------------------------- methods
 def known_methods() -> list[str]:
-    """The registered inverters, then :data:`EXTRA_SOLVERS` (reversed solvers)."""
-    from ..inversion import list_inverters
+    """The registered inverters, then :data:`EXTRA_SOLVERS` (reversed solvers; the generic
+    reversed-solver inverter itself is not listed twice)."""
+    from ..inversion import INVERTERS, list_inverters
+    from ..inversion.reverse import SolverInversion
 
-    names = list_inverters()
+    # the generic reversed-solver inverter runs as the named solvers of EXTRA_SOLVERS
+    names = [n for n in list_inverters() if INVERTERS[n] is not SolverInversion]
     return names + [s for s in EXTRA_SOLVERS if s not in names]
 
 
