@@ -185,3 +185,14 @@ def test_demo_restoration_section(tmp_path, monkeypatch):
     # one row (one digit): per task the measurement and the methods, then the ground truth
     columns = len(demo.DEMO_RESTORE_TASKS) * (1 + len(methods)) + 1
     assert Image.open(tmp_path / "restoration.png").size == (3 * (columns * 17 + 1), 3 * 18)
+
+
+def test_list_says_what_repaint_needs(capsys):
+    """A sampler without capability flags still says in --list what it asks of the operator."""
+    from diffusolve.restore_cli import list_text
+
+    lines = {line.split()[0]: line for line in list_text().splitlines() if line.startswith("  ")}
+    for name, cls in SAMPLERS.items():
+        assert "needs -" not in lines[name] or not (cls.needs or cls.requires), lines[name]
+    if "repaint" in SAMPLERS:
+        assert "needs a binary inpainting mask" in lines["repaint"]

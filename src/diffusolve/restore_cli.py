@@ -233,7 +233,7 @@ def list_text(shape: tuple[int, ...] = (1, 16, 16)) -> str:
     lines = ["methods (--method; what they need from the operator; the tasks they run; options):"]
     for name in names:
         s = get_sampler(name)
-        needs = ", ".join(s.needs) or "-"
+        needs = ", ".join(s.needs + ((s.requires,) if s.requires else ())) or "-"
         runs = [task for task in tasks if name not in refused[task]]
         runs_text = "every task" if len(runs) == len(tasks) else ", ".join(runs) or "no task"
         opts = ", ".join(f"{k}={v}" for k, v in s.options().items()) or "-"

@@ -181,6 +181,9 @@ class PosteriorSampler:
 
     name: ClassVar[str] = "posterior-sampler"
     needs: ClassVar[tuple[str, ...]] = ()
+    #: what the sampler asks of the operator beyond the capability flags, in words (shown
+    #: by ``diffusolve restore --list``; its own :meth:`check` enforces it)
+    requires: ClassVar[str] = ""
     citation: ClassVar[str] = ""
     stochastic: ClassVar[bool] = True
     #: grid kind of the evaluation times (see :data:`diffusolve.process.GRIDS`)

@@ -80,6 +80,7 @@ class RePaint(PosteriorSampler):
 
     name: ClassVar[str] = "repaint"
     needs: ClassVar[tuple[str, ...]] = ()
+    requires: ClassVar[str] = "a binary inpainting mask"
     citation: ClassVar[str] = (
         "Lugmayr, Danelljan, Romero, Yu, Timofte, Van Gool. RePaint: Inpainting using "
         "Denoising Diffusion Probabilistic Models. CVPR 2022."
