@@ -22,7 +22,12 @@ transformers = pytest.importorskip(
 )
 
 import diffusolve  # noqa: E402
-from diffusolve.edit.attention import AttentionStore, controlled, cross_attention_layers  # noqa: E402
+from diffusolve.edit.attention import (  # noqa: E402
+    AttentionStore,
+    ControlledProcessor,
+    controlled,
+    cross_attention_layers,
+)
 from diffusolve.guidance import ClassifierFreeGuidance  # noqa: E402
 from diffusolve.inversion import invert, reconstruct  # noqa: E402
 from diffusolve.models import Denoiser, from_diffusers  # noqa: E402
@@ -261,3 +266,16 @@ def test_p2p_word_swap_and_reweighting_on_the_real_pipeline(pipe, image_and_late
     assert (swap - same).abs().max() > 1e-6 and (heavy - swap).abs().max() > 1e-6
     with pytest.raises(ValueError, match="not in the target prompt"):
         diffusolve.edit(pipe, z, target="a photo of a dog", equalizer={"cat": 2.0}, **kw)
+
+
+@pytest.mark.parametrize("method", ["uam", "guide_rescale"])
+def test_uniform_maps_and_guide_and_rescale_on_the_real_pipeline(pipe, image_and_latents, method):
+    _, z = image_and_latents
+    with torch.no_grad():
+        out = diffusolve.edit(
+            pipe, z, source="a photo of a cat", target="a photo of a dog", method=method, steps=4
+        )
+        image = pipe.decode(out)
+    assert out.shape == z.shape and torch.isfinite(image).all()
+    # the controlled processors are gone again
+    assert not any(isinstance(p, ControlledProcessor) for p in pipe.unet.attn_processors.values())
