@@ -135,3 +135,23 @@ def test_mixed_precision_keeps_exact_schemes_exact():
     (rec,) = out["records"]
     assert rec["dtype"] == "mixed" and rec["recon_error"] < 1e-11
     assert torch.float32 == binv.DTYPES["mixed"][0]
+
+
+def test_demo_inversion_panel(tmp_path, monkeypatch):
+    """The demo's inversion section alone, cut to one digit and 3 steps: the exact schemes
+    return the input to rounding error, reversed DDIM does not."""
+    import time
+
+    from diffusolve import demo
+
+    monkeypatch.setattr(demo, "DEMO_RESTORE_CLASSES", (3,))
+    monkeypatch.setattr(demo, "DEMO_INVERT_STEPS", (3, 3))
+    md, tables = demo._inversion_section(tmp_path, True, False, time.time())
+    assert "![inversion panel](inversion.png)" in md
+    rows = {line.split("|")[1].strip(): line.split("|") for line in tables[0].splitlines()[2:]}
+    assert set(rows) == set(demo.DEMO_INVERT_METHODS)
+    for name in ("edict", "bdia", "belm", "direct"):
+        assert float(rows[name][3]) < 1e-10, rows[name]
+    assert float(rows["ddim"][3]) > 1e-3
+    columns = 1 + len(demo.DEMO_INVERT_METHODS) + 1  # input, reconstructions, edit
+    assert Image.open(tmp_path / "inversion.png").size == (3 * (columns * 17 + 1), 3 * 18)
