@@ -399,3 +399,76 @@ def test_captions_word_swap_equalizer_and_unknown_words(token_model):
                 token_model, x, source="three", target="eight", method=method, steps=3
             )
         assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------------------------
+# the trained token-conditioned digits model
+
+
+@pytest.fixture(scope="module")
+def digits_tokens():
+    from diffusolve.models import load
+    from diffusolve.models.data import load_digits
+
+    return load("digits-tokens"), load_digits("heldout")
+
+
+def _captions(images, labels):
+    from diffusolve.models.attributes import caption_words
+
+    return [" ".join(caption_words(im, int(lab))) for im, lab in zip(images, labels, strict=True)]
+
+
+def _classify(images):
+    from diffusolve.models import load_classifier
+
+    with torch.no_grad():
+        return load_classifier()(images, torch.zeros(len(images))).argmax(1)
+
+
+def test_digits_tokens_three_into_eight_keeps_thickness_and_slant(digits_tokens):
+    """P2P word swap "... three" -> "... eight" (guidance 7.5, 10 steps) on 8 held-out threes
+    captioned with their measured words: every result is classified 8, and its measured
+    thickness and slant words (relative to eights) are the source's in 7 of 8 each
+    (size in 5 of 8)."""
+    model, (x, y) = digits_tokens
+    threes = x[y == 3][:8]
+    source = _captions(threes, [3] * 8)
+    target = [c.replace("three", "eight") for c in source]
+    with torch.no_grad():
+        out = diffusolve.edit(model, threes, source=source, target=target, method="p2p", steps=10)
+    assert _classify(out).tolist() == [8] * 8
+    got = [c.split() for c in _captions(out, [8] * 8)]
+    want = [c.split() for c in target]
+    for k in (0, 1):  # thickness, slant
+        assert sum(g[k] == w[k] for g, w in zip(got, want, strict=True)) >= 6
+
+
+def test_digits_tokens_thin_into_thick_keeps_the_digit(digits_tokens):
+    """ "thin ..." -> "thick ..." on 8 held-out thin digits of several classes: every result
+    keeps its class; the stroke gets thicker, more with attention re-weighting of "thick"
+    than with the word swap alone (measured mean change +0.14 px swap, +0.34 px with
+    equalizer {"thick": 2}, +0.36 px Guide-and-Rescale)."""
+    from diffusolve.models.attributes import caption_words, thickness
+
+    model, (x, y) = digits_tokens
+    idx = [i for i in range(len(x)) if caption_words(x[i], int(y[i]))[0] == "thin"][:8]
+    thin, labels = x[idx], y[idx]
+    source = _captions(thin, labels)
+    target = [c.replace("thin", "thick", 1) for c in source]
+    gain = {}
+    for name, method, options in (
+        ("swap", "p2p", {}),
+        ("reweight", "p2p", {"equalizer": {"thick": 2.0}}),
+        ("gar", "guide_rescale", {}),
+    ):
+        with torch.no_grad():
+            out = diffusolve.edit(
+                model, thin, source=source, target=target, method=method, steps=10, **options
+            )
+        assert torch.equal(_classify(out), labels), name
+        gain[name] = float((thickness(out) - thickness(thin)).mean())
+    assert gain["swap"] > 0.05 and gain["reweight"] > 0.2 and gain["gar"] > 0.2
+    assert gain["reweight"] > gain["swap"] + 0.1
+    with pytest.raises(ValueError, match="unknown word 'purple'"):
+        diffusolve.edit(model, thin, source="thin two", target="purple two", method="p2p")
