@@ -20,12 +20,16 @@ def load(
     guidance: float | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Any:
-    """The bundled model ``name`` (``"digits"``) or a local diffusers folder as a Denoiser.
+    """The bundled model ``name`` (``"digits"``, ``"digits-tokens"``) or a local diffusers
+    folder as a Denoiser.
 
     ``guidance=w`` wraps a class-conditional model in classifier-free guidance with its null
     class (``x0 = x0_null + w (x0_label - x0_null)``; ``w`` finite and ``>= 0``: 0 =
     unconditional, 1 = conditional, > 1 = guided, diffusers' ``guidance_scale`` above 1).
-    ``cond`` is an int label, a list of labels or an int tensor ``[B]``.
+    ``cond`` is an int label, a list of labels or an int tensor ``[B]``. For a caption model
+    (``"digits-tokens"``) the null input is the empty caption and ``cond`` is a caption, a
+    list of captions, token ids or embedded tokens
+    (:class:`~diffusolve.models.bundled.TokenConditioned`).
 
     Example:
         >>> import torch, diffusolve
@@ -39,12 +43,18 @@ def load(
     from .guidance import check_scale, classifier_free
     from .models import LabelConditioned
     from .models import load as load_model
+    from .models.bundled import TokenConditioned
 
     if guidance is not None:
         guidance = check_scale(guidance)
     model = load_model(name, dtype=dtype)
     if guidance is None:
         return model
+    if isinstance(model, TokenConditioned):
+        # guide the network on embedded tokens, captions converted outside: every cond
+        # form (captions, ids, embeddings) then works, as without guidance
+        null = model.embed(None, 1)
+        return model.rewrap(classifier_free(model.model, guidance, null_cond=null))
     if not isinstance(model, LabelConditioned):
         raise ValueError(
             f"guidance needs a class-conditional model (a UNet with num_class_embeds); {name} "

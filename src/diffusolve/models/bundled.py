@@ -4,6 +4,13 @@
 scikit-learn's digits (16x16, one channel, [-1, 1]); DDPM process with linear betas and
 1,000 steps, v-prediction; classes 0-9 plus the null class 10 for classifier-free guidance.
 See ``assets/digits/MODEL_CARD.md``.
+
+``digits-tokens``: the same data and process with captions instead of labels: a diffusers
+``UNet2DConditionModel`` with cross-attention (at 8x8 and 4x4) over a short token sequence
+from a learned embedding table (:class:`~diffusolve.models.tokens.TokenEmbedding`, no external
+text encoder), trained on captions measured from each image, e.g.
+``"thick slanted-left small three"`` (:mod:`diffusolve.models.attributes`). Wrapped in
+:class:`TokenConditioned`. See ``assets/digits-tokens/MODEL_CARD.md``.
 """
 
 from __future__ import annotations
@@ -16,9 +23,19 @@ from torch import Tensor
 
 from .base import Denoiser
 
-__all__ = ["BUNDLED", "NULL_CLASS", "asset_dir", "load", "load_classifier", "LabelConditioned"]
+__all__ = [
+    "BUNDLED",
+    "NULL_CLASS",
+    "asset_dir",
+    "load",
+    "load_classifier",
+    "LabelConditioned",
+    "TokenConditioned",
+]
 
-BUNDLED = ("digits",)
+BUNDLED = ("digits", "digits-tokens")
+#: bundled models that ship a noise-aware classifier
+_CLASSIFIERS = ("digits",)
 NULL_CLASS = 10
 _NUM_LABELS = 11
 
@@ -78,6 +95,140 @@ class LabelConditioned(Denoiser):
         return f"LabelConditioned({self.model!r})"
 
 
+class TokenConditioned(Denoiser):
+    """Turns captions into the token embeddings a cross-attention UNet expects.
+
+    ``cond`` may be
+
+    - ``None``: the null (empty) caption, the unconditional input;
+    - a caption ``str`` for the whole batch (``"thick slanted-left three"``, ``""`` = null);
+    - a list of captions, one per sample (or one);
+    - token ids, an integer tensor ``[B, L]`` or ``[1, L]`` (``model.tokenizer.encode``);
+    - embedded tokens, a float tensor ``[B, L, D]`` or ``[1, L, D]`` (what :meth:`embed`
+      returns), passed to the UNet as they are, so that they can be optimised (null-text
+      inversion) with gradients flowing through the network.
+
+    For one caption all these forms give the same output. ``model.unet`` is the diffusers
+    ``UNet2DConditionModel`` (install attention processors with ``unet.set_attn_processor``).
+
+    Classifier-free guidance: :func:`diffusolve.guidance.classifier_free` concatenates
+    tensors only, so give it tensors: ``classifier_free(model, w,
+    null_cond=model.null_cond)`` with token ids as ``cond`` (``model.tokenizer.encode(...)``),
+    or ``null_cond=model.embed(None, 1)`` with embeddings as ``cond``.
+    ``diffusolve.load("digits-tokens", guidance=w)`` takes every form above (it guides the
+    inner network on embeddings and puts this wrapper outside).
+
+    Args:
+        model: a denoiser whose ``cond`` is embedded tokens ``[B, L, D]`` (the diffusers
+            adapter of the UNet, or a wrapper of it with the same signature).
+        tokenizer: the :class:`~diffusolve.models.tokens.DigitsTokenizer`.
+        encoder: the :class:`~diffusolve.models.tokens.TokenEmbedding` (ids -> embeddings).
+
+    Example:
+        >>> import torch
+        >>> from diffusolve.models import load
+        >>> model = load("digits-tokens")
+        >>> x = torch.zeros(2, 1, 16, 16)
+        >>> with torch.no_grad():
+        ...     a = model(x, 500.0, "thick three")
+        ...     b = model(x, 500.0, model.tokenizer.encode("thick three"))
+        >>> torch.equal(a, b), model.null_cond.tolist()
+        (True, [[1, 0, 0, 0, 0]])
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, encoder: torch.nn.Module) -> None:
+        self.model = model
+        self.process = model.process
+        self.tokenizer = tokenizer
+        self.encoder = encoder
+
+    @property
+    def unet(self) -> Any:
+        """The diffusers UNet under this wrapper (and any wrappers inside it)."""
+        inner = self.model
+        while not hasattr(inner, "unet"):
+            if not hasattr(inner, "model"):
+                raise AttributeError(f"no UNet found under {self.model!r}")
+            inner = inner.model
+        return inner.unet
+
+    @property
+    def null_cond(self) -> Tensor:
+        """Token ids ``[1, L]`` of the empty caption (the unconditional input)."""
+        return self.tokenizer.encode("")
+
+    def rewrap(self, model: Any) -> TokenConditioned:
+        """The same captions over another inner denoiser (e.g. a guided one)."""
+        return TokenConditioned(model, self.tokenizer, self.encoder)
+
+    def token_ids(self, cond: Any, batch: int | None = None) -> Tensor:
+        """Token ids ``[B, L]`` of a caption, a list of captions, ids or ``None``."""
+        if cond is None:
+            cond = ""
+        if isinstance(cond, (str, list, tuple)):
+            if isinstance(cond, (list, tuple)) and not all(isinstance(c, str) for c in cond):
+                raise TypeError("a list cond must hold caption strings")
+            ids = self.tokenizer.encode(cond)
+        elif isinstance(cond, Tensor) and not cond.is_floating_point():
+            ids = cond.to(torch.long)
+            if ids.ndim == 1:
+                ids = ids[None]
+            if ids.ndim != 2 or ids.shape[1] != self.tokenizer.max_length:
+                raise ValueError(
+                    f"token ids must be [B, {self.tokenizer.max_length}] or "
+                    f"[1, {self.tokenizer.max_length}], got {tuple(cond.shape)}"
+                )
+            if bool(((ids < 0) | (ids >= len(self.tokenizer))).any()):
+                raise ValueError(f"token ids must be in 0..{len(self.tokenizer) - 1}")
+        else:
+            raise TypeError(
+                "cond must be None, a caption, a list of captions, token ids [B, L] or "
+                f"embeddings [B, L, D]; got {type(cond).__name__}"
+            )
+        return _batched(ids, batch)
+
+    def embed(self, cond: Any, batch: int | None = None, device: Any = None) -> Tensor:
+        """Embedded tokens ``[B, L, D]`` (float) of any ``cond`` form; ``batch`` broadcasts a
+        single condition. Float tensors ``[B, L, D]`` are returned as they are (on
+        ``device``), so gradients with respect to them flow.
+
+        Example:
+            >>> from diffusolve.models import load
+            >>> model = load("digits-tokens")
+            >>> model.embed("thick three", 4).shape
+            torch.Size([4, 5, 64])
+        """
+        if isinstance(cond, Tensor) and cond.is_floating_point():
+            if cond.ndim != 3 or cond.shape[-1] != self.encoder.dim:
+                raise ValueError(
+                    f"embedded tokens must be [B, L, {self.encoder.dim}] or "
+                    f"[1, L, {self.encoder.dim}], got {tuple(cond.shape)}"
+                )
+            # a broadcast row is copied: the UNet's kernels may round a stride-0 batch
+            # differently, and every cond form of one caption must give the same output
+            out = _batched(cond, batch).contiguous()
+        else:
+            ids = self.token_ids(cond, batch)
+            dev = next(self.encoder.parameters()).device
+            out = self.encoder(ids.to(dev))
+        return out if device is None else out.to(device)
+
+    def denoise(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        return self.model(x, t, self.embed(cond, x.shape[0], x.device))
+
+    def __repr__(self) -> str:
+        return f"TokenConditioned({self.model!r}, {self.tokenizer!r})"
+
+
+def _batched(c: Tensor, batch: int | None) -> Tensor:
+    """``c`` with a batch of ``batch`` rows (a single row is broadcast)."""
+    if batch is None or c.shape[0] == batch:
+        return c
+    if c.shape[0] == 1:
+        return c.expand((batch,) + tuple(c.shape[1:]))
+    raise ValueError(f"got a condition for {c.shape[0]} samples in a batch of {batch}")
+
+
 def load(
     name: str | Path = "digits",
     *,
@@ -87,8 +238,8 @@ def load(
     """A bundled model or a local diffusers folder as a ready :class:`Denoiser`.
 
     Args:
-        name: a bundled model name (``"digits"``) or the path of a diffusers folder, e.g. one
-            written by ``diffusolve train digits --out my-digits``.
+        name: a bundled model name (``"digits"``, ``"digits-tokens"``) or the path of a
+            diffusers folder, e.g. one written by ``diffusolve train digits --out my-digits``.
         dtype: the network's dtype.
 
     Loads with ``from_pretrained`` (local files only, safetensors, never the network). The
@@ -97,6 +248,9 @@ def load(
     wrapped in :class:`LabelConditioned`: ``cond`` takes int labels ``0 .. K-2`` and the last
     label ``K-1`` is the null (unconditional) class, as in the models ``diffusolve train``
     writes (``K = 11`` for digits: classes 0-9, null 10); ``cond=None`` means the null class.
+    A folder with a ``tokenizer.json`` and a ``text_encoder/`` (``digits-tokens``, or one
+    written by ``diffusolve train digits-tokens``) is wrapped in :class:`TokenConditioned`:
+    ``cond`` is a caption, a list of captions, token ids or embedded tokens.
 
     Classifier-free guidance is a layer above models: ``diffusolve.load(name, guidance=w)``
     or :func:`diffusolve.guidance.classifier_free`.
@@ -123,12 +277,32 @@ def load(
     folder = _resolve(name)
     base = load_diffusers(folder, dtype=dtype)
     base.unet.eval().requires_grad_(False)
+    if (folder / "tokenizer.json").is_file():
+        return _token_model(folder, base)
     k = getattr(getattr(base.unet, "config", None), "num_class_embeds", None)
     if k:
         if int(k) < 2:
             raise ValueError(f"{folder}: num_class_embeds={k}; a label model needs at least 2")
         return LabelConditioned(base, num_labels=int(k), null=int(k) - 1)
     return base
+
+
+def _token_model(folder: Path, base: Any) -> TokenConditioned:
+    """The caption model of ``folder``: its UNet ``base``, tokenizer and token embedding."""
+    from .tokens import DigitsTokenizer, load_token_embedding
+
+    tokenizer = DigitsTokenizer.load(folder / "tokenizer.json")
+    encoder = load_token_embedding(folder / "text_encoder")
+    if not base.conditional:
+        raise ValueError(f"{folder} has a tokenizer but its UNet has no cross-attention")
+    cross = getattr(base.unet.config, "cross_attention_dim", None)
+    if cross != encoder.dim or encoder.vocab_size != len(tokenizer):
+        raise ValueError(
+            f"{folder}: the token embedding ({encoder.vocab_size} words, dim {encoder.dim}) does "
+            f"not match the tokenizer ({len(tokenizer)} words) and the UNet (cross_attention_dim "
+            f"{cross}); retrain with `diffusolve train digits-tokens --out {folder} --force`"
+        )
+    return TokenConditioned(base, tokenizer, encoder)
 
 
 def _resolve(name: str | Path) -> Path:
@@ -149,6 +323,6 @@ def load_classifier(name: str = "digits") -> torch.nn.Module:
     ``net.features(x_t, t)`` for FD-digits), in eval mode, parameters frozen."""
     from .classifier import load_classifier_from
 
-    if name not in BUNDLED:
-        raise ValueError(f"unknown bundled model {name!r}; available: {BUNDLED}")
+    if name not in _CLASSIFIERS:
+        raise ValueError(f"no bundled classifier {name!r}; available: {_CLASSIFIERS}")
     return load_classifier_from(Path(__file__).resolve().parent.parent / "assets" / name)

@@ -1,4 +1,4 @@
-"""``diffusolve train digits`` and ``diffusolve train digits-classifier`` (thin argparse layer)."""
+"""``diffusolve train digits``, ``digits-tokens`` and ``digits-classifier`` (thin argparse layer)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,12 @@ def _digits(args: argparse.Namespace) -> int:
     return _run(args, DigitsConfig, train_digits, ("unet", "scheduler", "train_info.json"))
 
 
+def _digits_tokens(args: argparse.Namespace) -> int:
+    from .digits_tokens import OUTPUTS, DigitsTokensConfig, train_digits_tokens
+
+    return _run(args, DigitsTokensConfig, train_digits_tokens, OUTPUTS)
+
+
 def _classifier(args: argparse.Namespace) -> int:
     from .classifier import ClassifierConfig, train_classifier
 
@@ -46,7 +52,7 @@ def _classifier(args: argparse.Namespace) -> int:
     return _run(args, ClassifierConfig, train_classifier, outputs)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, out: str = "digits-model", shipped: str = "digits") -> None:
     p.add_argument(
         "--steps", type=int, default=None, help="optimizer steps (default: the shipped recipe)"
     )
@@ -56,17 +62,18 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--out",
-        default="digits-model",
-        help="output folder (default: ./digits-model; the shipped weights were made with "
-        "--out src/diffusolve/assets/digits --force)",
+        default=out,
+        help=f"output folder (default: ./{out}; the shipped weights were made with "
+        f"--out src/diffusolve/assets/{shipped} --force)",
     )
     p.add_argument("--force", action="store_true", help="overwrite existing results in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def register(subparsers: Any) -> None:
-    """Add the ``digits`` and ``digits-classifier`` sub-commands to the ``train`` group's
-    ``subparsers`` (what ``parser.add_subparsers()`` returned for ``diffusolve train``).
+    """Add the ``digits``, ``digits-tokens`` and ``digits-classifier`` sub-commands to the
+    ``train`` group's ``subparsers`` (what ``parser.add_subparsers()`` returned for
+    ``diffusolve train``).
 
     Each sub-command sets ``func`` (``func(args) -> exit code``) on the parsed namespace.
 
@@ -83,6 +90,12 @@ def register(subparsers: Any) -> None:
     )
     _common(p)
     p.set_defaults(func=_digits)
+    p = subparsers.add_parser(
+        "digits-tokens",
+        help="caption-conditioned UNet (cross-attention over word tokens) on the same digits",
+    )
+    _common(p, out="digits-tokens-model", shipped="digits-tokens")
+    p.set_defaults(func=_digits_tokens)
     p = subparsers.add_parser(
         "digits-classifier", help="noise-aware digits classifier (FD-digits features)"
     )
