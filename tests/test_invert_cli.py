@@ -81,7 +81,7 @@ def test_bench_inversion_tiny_run_resumes(tmp_path, capsys):
     out = tmp_path / "b"
     argv = ["bench", "inversion", "--methods", "edict,ddim", "--tasks", "gmm-d64"]
     argv += ["--cfg", "1,3", "--steps", "3", "--dtypes", "float64", "--n-gmm", "4"]
-    argv += ["--out", str(out), "--no-progress"]
+    argv += ["--out", str(out), "--no-progress", "--edit-tasks", "none"]
     assert main(argv) == 0
     text = (out / "inversion.md").read_text()
     assert "edict" in text and "diffusers DDIMInverseScheduler" in text
@@ -111,6 +111,7 @@ def test_diffusers_ddim_round_trip_matches_our_reversed_ddim_in_kind():
             steps=[steps],
             dtypes=["float64"],
             n_gmm=16,
+            edit_tasks=[],
             progress=False,
         )
         errs[steps] = {r["library"]: r["recon_error"] for r in out["records"]}
@@ -130,6 +131,7 @@ def test_mixed_precision_keeps_exact_schemes_exact():
         dtypes=["mixed"],
         n_digits=2,
         diffusers=False,
+        edit_tasks=[],
         progress=False,
     )
     (rec,) = out["records"]
@@ -155,3 +157,53 @@ def test_demo_inversion_panel(tmp_path, monkeypatch):
     assert float(rows["ddim"][3]) > 1e-3
     columns = 1 + len(demo.DEMO_INVERT_METHODS) + 1  # input, reconstructions, edit
     assert Image.open(tmp_path / "inversion.png").size == (3 * (columns * 17 + 1), 3 * 18)
+
+
+def test_bench_edit_phase_scores_and_panel(tmp_path):
+    """The editing phase: records with target accuracy and preservation, and an edit panel."""
+    out = binv.run_inversion(
+        methods=["edict"],
+        tasks=[],
+        edit_tasks=["3to8", "thin2thick"],
+        edit_models=["digits-tokens", "digits"],
+        edit_methods=["direct"],
+        n_edit=2,
+        edit_steps=5,
+        progress=False,
+    )
+    recs = {r["task"]: r for r in out["edits"]}
+    assert set(recs) == {
+        "edit-3to8-digits-tokens",
+        "edit-3to8-digits",
+        "edit-thin2thick-digits-tokens",
+        "edit-thin2thick-digits",
+    }
+    assert "skipped" in recs["edit-thin2thick-digits"]  # no thickness condition there
+    for task in ("edit-3to8-digits-tokens", "edit-3to8-digits", "edit-thin2thick-digits-tokens"):
+        r = recs[task]
+        assert 0 <= r["target_accuracy"] <= 1 and r["n"] == 2
+        assert r["psnr_outside"] > 10 and r["feature_distance"] >= 0
+    assert "attributes_kept" in recs["edit-3to8-digits"]
+    assert "class_kept" in recs["edit-thin2thick-digits-tokens"]
+    paths = binv.plot_results(out, tmp_path)
+    assert (tmp_path / "edit_3to8_digits-tokens.png") in paths
+    assert "Editing on held-out digits" in binv.markdown_report(out)
+
+
+def test_edit_scores_on_known_images():
+    """The scores themselves: an unchanged source keeps everything and scores no target
+    unless it already is one; the outside mask excludes the digit's box."""
+    from diffusolve.models.data import load_digits
+
+    x, y = load_digits("heldout")
+    threes = x[y == 3][:4]
+    labels = torch.full((4,), 3)
+    s = binv.edit_scores(threes, threes, labels, 8, None)
+    assert s["target_accuracy"] == 0.0
+    assert s["psnr_outside"] > 100 and s["feature_distance"] == 0.0
+    # words are relative to the class: the same image scored as itself keeps every tercile
+    s3 = binv.edit_scores(threes, threes, labels, 3, None)
+    assert s3["target_accuracy"] == 1.0 and s3["attributes_kept"] == 1.0
+    mask = binv._outside_mask(threes)
+    ink = (threes + 1) / 2 > binv.INK_LEVEL
+    assert not bool((mask & ink).any())

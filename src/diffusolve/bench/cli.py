@@ -159,6 +159,16 @@ def _register_inversion(subparsers: Any) -> None:
     p.add_argument("--n-gmm", type=int, help=f"GMM samples (default {FULL['n_gmm']})")
     p.add_argument("--n-digits", type=int, help=f"held-out digits (default {FULL['n_digits']})")
     p.add_argument("--no-diffusers", action="store_true", help="skip diffusers' DDIM inversion")
+    p.add_argument(
+        "--edit-tasks",
+        type=_csv,
+        help="editing tasks among 3to8,thin2thick, or 'none' (default both)",
+    )
+    p.add_argument(
+        "--edit-models", type=_csv, help="models for the edits (default digits-tokens,digits)"
+    )
+    p.add_argument("--edit-methods", type=_csv, help="edit methods (default: every registered)")
+    p.add_argument("--n-edit", type=int, help="held-out digits per editing task (default 16)")
     p.add_argument("--no-progress", action="store_true", help="no per-job progress lines")
     p.set_defaults(func=inversion_main, handler=inversion_main)
 
@@ -197,6 +207,28 @@ def _inversion_options(args: argparse.Namespace) -> dict[str, Any]:
             opts[key] = value
     if args.no_diffusers:
         opts["diffusers"] = False
+    from ..edit import list_methods
+    from .inversion import EDIT_TASKS
+
+    if args.edit_tasks is not None:
+        tasks = [] if args.edit_tasks == ["none"] else list(args.edit_tasks)
+        bad = [t for t in tasks if t not in EDIT_TASKS]
+        if bad:
+            raise UsageError(f"--edit-tasks: choose from {_join(EDIT_TASKS)} or none")
+        opts["edit_tasks"] = tasks
+    if args.edit_models is not None:
+        bad = [m for m in args.edit_models if m not in ("digits", "digits-tokens")]
+        if bad or not args.edit_models:
+            raise UsageError("--edit-models: choose from digits,digits-tokens")
+        opts["edit_models"] = list(args.edit_models)
+    if args.edit_methods is not None:
+        bad = [m for m in args.edit_methods if m not in list_methods()]
+        if bad or not args.edit_methods:
+            raise UsageError(f"--edit-methods: choose from {_join(list_methods())}")
+        opts["edit_methods"] = list(args.edit_methods)
+    _positive("--n-edit", args.n_edit)
+    if args.n_edit is not None:
+        opts["n_edit"] = args.n_edit
     if args.resume and args.force:
         raise UsageError("--resume continues a run and --force starts it over; pass one of them")
     out = Path(args.out)
@@ -239,8 +271,10 @@ def inversion_main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "inversion.md").write_text(text + "\n")
+    panels = plot_results(result, out)
+    result.pop("_edited", None)  # images, not JSON
     print(f"wrote {out / 'inversion.md'}")
-    for path in plot_results(result, out):
+    for path in panels:
         print(f"wrote {path}")
     _write_json(args.json, result)
     return 0

@@ -79,6 +79,11 @@ FULL: dict[str, Any] = dict(
     n_gmm=64,
     n_digits=16,
     diffusers=True,
+    edit_tasks=["3to8", "thin2thick"],
+    edit_models=["digits-tokens", "digits"],
+    edit_methods=None,
+    n_edit=16,
+    edit_steps=50,
 )
 #: ``--quick``: 20 steps, guidance 1 and 3, the GMM tasks in both dtypes and 4 digits with
 #: a float32 network (float32 and float64 latents)
@@ -89,6 +94,10 @@ QUICK: dict[str, Any] = dict(
     n_gmm=32,
     n_digits=4,
     quick_digits_dtypes=["float32", "mixed"],
+    edit_models=["digits-tokens"],
+    edit_methods=["direct", "p2p"],
+    n_edit=4,
+    edit_steps=20,
 )
 
 
@@ -231,6 +240,179 @@ def _diffusers_ddim(task: _Task, steps: int, scale: float) -> dict[str, Any]:
     return _result(mean, worst, seconds, task.counter.calls)
 
 
+# ----------------------------------------------------------------------------- editing
+#: editing tasks on held-out digits: (source class or None, what changes)
+EDIT_TASKS = {
+    "3to8": "threes into eights, keeping thickness, slant and position",
+    "thin2thick": "thin digits made thick, keeping their class",
+}
+#: pixels this far (in pixels) outside the source digit's ink box count as "unchanged"
+EDIT_MARGIN = 1
+#: ink above this level (in [0, 1]) marks the digit
+INK_LEVEL = 0.25
+
+
+def _edit_data(task: str, n: int) -> tuple[Tensor, Tensor]:
+    """The first ``n`` held-out digits of the task (threes; thin digits of any class)."""
+    from ..models.attributes import attribute_bins
+    from ..models.data import load_digits
+
+    images, labels = load_digits("heldout")
+    if task == "3to8":
+        keep = labels == 3
+    else:
+        keep = attribute_bins(images, labels)[:, 0] == 0  # the thin tercile of its class
+    idx = torch.nonzero(keep).flatten()[:n]
+    return images[idx], labels[idx]
+
+
+def _edit_conds(task: str, model_name: str, images: Tensor, labels: Tensor) -> tuple:
+    """Source and target conditions (captions for the token model, labels otherwise) and
+    the target class and thickness bin (``None`` where the edit does not set them)."""
+    from ..models.attributes import ATTRIBUTE_WORDS, DIGIT_WORDS, captions
+
+    if model_name == "digits":
+        if task != "3to8":
+            return None
+        return labels.clone(), torch.full_like(labels, 8), 8, None
+    src = captions(images, labels)
+    if task == "3to8":
+        tgt = [c.replace(DIGIT_WORDS[3], DIGIT_WORDS[8]) for c in src]
+        return src, tgt, 8, None
+    thin, thick = ATTRIBUTE_WORDS["thickness"][0], ATTRIBUTE_WORDS["thickness"][2]
+    tgt = [c.replace(thin, thick, 1) for c in src]
+    return src, tgt, None, 2
+
+
+def _outside_mask(images: Tensor, margin: int = EDIT_MARGIN) -> Tensor:
+    """``[B, 1, H, W]`` True outside the source digit's ink box grown by ``margin`` pixels:
+    pixels an edit that keeps position and size has no need to change."""
+    ink = (images + 1) / 2 > INK_LEVEL
+    b, _, h, w = images.shape
+    mask = torch.ones_like(images, dtype=torch.bool)
+    for i in range(b):
+        rows = torch.nonzero(ink[i, 0].any(1)).flatten()
+        cols = torch.nonzero(ink[i, 0].any(0)).flatten()
+        if len(rows) == 0:
+            continue
+        r0, r1 = max(int(rows[0]) - margin, 0), min(int(rows[-1]) + margin + 1, h)
+        c0, c1 = max(int(cols[0]) - margin, 0), min(int(cols[-1]) + margin + 1, w)
+        mask[i, 0, r0:r1, c0:c1] = False
+    return mask
+
+
+def edit_scores(
+    edited: Tensor,
+    source: Tensor,
+    labels: Tensor,
+    target_class: int | None,
+    target_thickness: int | None,
+) -> dict[str, Any]:
+    """Target accuracy and preservation of edits.
+
+    * ``target_accuracy``: the share of edits the bundled classifier labels
+      ``target_class`` (class edits), or whose measured thickness falls in the requested
+      tercile of their class (attribute edits);
+    * ``class_kept`` (attribute edits): the share still classified as their source class;
+    * ``attributes_kept`` (class edits): the share of the other attributes (thickness,
+      slant, size) whose tercile under the target class equals the source's under its own;
+    * ``psnr_outside``: PSNR to the source on pixels outside the source digit's ink box
+      (grown by :data:`EDIT_MARGIN`), which an edit keeping position and size leaves alone;
+    * ``feature_distance``: the mean L2 distance between the classifier's 64-d features of
+      edit and source (class edits also get ``feature_distance_baseline``: the distance from
+      each source to the mean feature of the held-out digits of the target class, for
+      scale).
+    """
+    from ..models.attributes import attribute_bins
+    from ..models.bundled import load_classifier
+    from ..models.data import load_digits
+    from ..models.digits_metric import digits_features
+
+    x = edited.detach().to(torch.float32).clamp(-1, 1)
+    src = source.to(torch.float32)
+    with torch.no_grad():
+        pred = load_classifier()(x, 0.0).argmax(1)
+    out: dict[str, Any] = {}
+    if target_class is not None:
+        out["target_accuracy"] = float((pred == target_class).double().mean())
+        before = attribute_bins(src, labels)
+        after = attribute_bins(x, torch.full_like(labels, target_class))
+        out["attributes_kept"] = float((before == after).double().mean())
+    else:
+        after = attribute_bins(x, labels)
+        out["target_accuracy"] = float((after[:, 0] == target_thickness).double().mean())
+        out["class_kept"] = float((pred == labels).double().mean())
+    mask = _outside_mask(src)
+    se = ((x - src) ** 2 * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1)
+    out["psnr_outside"] = float((10 * torch.log10(4.0 / se.clamp_min(1e-12))).mean())
+    f_edit, f_src = digits_features(x), digits_features(src)
+    out["feature_distance"] = float((f_edit - f_src).norm(dim=1).mean())
+    if target_class is not None:
+        images, lab = load_digits("heldout")
+        f_tgt = digits_features(images[lab == target_class]).mean(0)
+        out["feature_distance_baseline"] = float((f_src - f_tgt).norm(dim=1).mean())
+    return out
+
+
+def _edit_job(
+    task: str, model_name: str, method: str, n: int, steps: int, cache: dict
+) -> dict[str, Any]:
+    from ..edit import edit
+    from ..models import load
+
+    key = (task, model_name)
+    if key not in cache:
+        images, labels = _edit_data(task, n)
+        conds = _edit_conds(task, model_name, images, labels)
+        cache[key] = (load(model_name), images, labels, conds)
+    model, images, labels, conds = cache[key]
+    if conds is None:
+        return {"skipped": f"{model_name} has no condition for {task}"}
+    source, target, target_class, target_thick = conds
+    start = time.perf_counter()
+    try:
+        edited = edit(model, images, source=source, target=target, method=method, steps=steps)
+    except (ValueError, TypeError) as e:
+        return {"skipped": str(e).splitlines()[0]}
+    seconds = time.perf_counter() - start
+    if not torch.isfinite(edited).all():
+        return {"failed": "non-finite edit", "seconds": round(seconds, 3)}
+    scores = edit_scores(edited, images, labels, target_class, target_thick)
+    cache[(task, model_name, method)] = edited.detach().to(torch.float32)
+    return dict(
+        scores,
+        seconds=round(seconds / len(images), 4),
+        timing={"seconds": seconds},
+        n=len(images),
+    )
+
+
+def _edit_jobs(opts: dict[str, Any], cache: dict) -> Iterator[Job]:
+    from ..edit import list_methods
+
+    methods = opts.get("edit_methods") or list_methods()
+    for task in opts["edit_tasks"]:
+        for model_name in opts["edit_models"]:
+            for m in methods:
+                key = dict(
+                    bench=BENCH,
+                    phase="edit",
+                    task=f"edit-{task}-{model_name}",
+                    library="diffusolve",
+                    method=m,
+                    nfe=opts["edit_steps"],
+                    cfg=None,
+                    dtype="float32",
+                )
+                yield Job(
+                    key,
+                    lambda store, t=task, mn=model_name, m=m: _edit_job(
+                        t, mn, m, opts["n_edit"], opts["edit_steps"], cache
+                    ),
+                    label=f"edit {task} {model_name} {m}",
+                )
+
+
 # ----------------------------------------------------------------------------- run
 def _jobs(opts: dict[str, Any], methods: list[str], tasks: dict) -> Iterator[Job]:
     for name in opts["tasks"]:
@@ -314,6 +496,8 @@ def run_inversion(
             return
         if "skipped" in record:
             what = "n/a"
+        elif record.get("phase") == "edit":
+            what = "failed" if record.get("failed") else f"target {record['target_accuracy']:.2f}"
         elif record.get("recon_error") is None:
             what = "failed"
         else:
@@ -321,8 +505,15 @@ def run_inversion(
         tag = " (resumed)" if skipped else ""
         print(f"[{time.perf_counter() - start:7.1f}s] {job.label}: {what}{tag}", file=sys.stderr)
 
-    n_run, n_skipped = run_jobs(_jobs(opts, methods, {}), store, on_record=show)
+    edits: dict = {}
+
+    def all_jobs() -> Iterator[Job]:
+        yield from _jobs(opts, methods, {})
+        yield from _edit_jobs(opts, edits)
+
+    n_run, n_skipped = run_jobs(all_jobs(), store, on_record=show)
     recs = [r for r in store.records if r.get("phase") == "roundtrip"]
+    edit_recs = [r for r in store.records if r.get("phase") == "edit"]
     return {
         "meta": dict(
             config,
@@ -334,6 +525,8 @@ def run_inversion(
         ),
         "records": recs,
         "summary": _summary(recs),
+        "edits": edit_recs,
+        "_edited": edits,
     }
 
 
@@ -392,10 +585,41 @@ def markdown_report(result: dict[str, Any]) -> str:
                     cells.append(f"{_e(v['recon_error'])} ({v['nfe_used']})")
             lines.append(f"| {row['cfg']:g} | {row['nfe']} | " + " | ".join(cells) + " |")
         lines.append("")
+    edits = result.get("edits") or []
+    if edits:
+        lines += [
+            "### Editing on held-out digits",
+            "",
+            "target = share reaching the target (classifier: the target class; thickness: "
+            "the requested tercile); kept = other attributes' terciles kept (class edits) or "
+            "class kept (thickness edits); PSNR outside = PSNR to the source outside its "
+            "ink box (+1 px); feature distance = classifier features, edit to source "
+            "(in brackets, source to the mean target-class digit).",
+            "",
+            "| task | method | steps | n | target | kept | PSNR outside (dB) | feature distance "
+            "| s/img |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in edits:
+            if r.get("skipped") or r.get("failed"):
+                why = "n/a" if r.get("skipped") else "failed"
+                lines.append(
+                    f"| {r['task']} | {r['method']} | {r['nfe']} | -- | {why} | -- | -- | -- | -- |"
+                )
+                continue
+            kept = r.get("attributes_kept", r.get("class_kept"))
+            base = r.get("feature_distance_baseline")
+            dist = f"{r['feature_distance']:.2f}" + (f" ({base:.2f})" if base else "")
+            lines.append(
+                f"| {r['task']} | {r['method']} | {r['nfe']} | {r['n']} | "
+                f"{r['target_accuracy']:.2f} | {kept:.2f} | {r['psnr_outside']:.1f} | {dist} "
+                f"| {r['seconds']:.2f} |"
+            )
+        lines.append("")
     skipped = sorted(
         {
             (r["method"], r["skipped"])
-            for r in result["records"]
+            for r in result["records"] + edits
             if r.get("skipped") and r["library"] == "diffusolve"
         }
     )
@@ -445,5 +669,28 @@ def plot_results(result: dict[str, Any], out: str | Path) -> list[Path]:
         path = out / f"inversion_{task}_{dtype}.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)
+        paths.append(path)
+    paths += edit_panels(result, out)
+    return paths
+
+
+def edit_panels(result: dict[str, Any], out: str | Path, n: int = 6) -> list[Path]:
+    """``out/edit_<task>.png`` per editing task run in this invocation: a row per digit
+    (at most ``n``); columns: the source, then each method's edit (methods in the order of
+    the report)."""
+    from ..images import save_grid
+
+    edited = result.get("_edited") or {}
+    paths = []
+    tasks = [k for k in edited if len(k) == 2]
+    for task, model_name in tasks:
+        _, images, _, _ = edited[(task, model_name)]
+        methods = [k[2] for k in edited if len(k) == 3 and k[:2] == (task, model_name)]
+        if not methods:
+            continue
+        cols = [images[:n].to(torch.float32)] + [edited[(task, model_name, m)][:n] for m in methods]
+        panel = torch.stack(cols, 1).flatten(0, 1)
+        path = Path(out) / f"edit_{task}_{model_name}.png"
+        save_grid(panel, path, nrow=len(cols), scale=3)
         paths.append(path)
     return paths
