@@ -1,9 +1,10 @@
 """The import graph: imports point down the layers, and no package imports itself in a cycle.
 
 Layers (docs/architecture.md): process < models < solvers < guidance/inverse < inversion <
-edit < bench/train < the package top (``diffusolve.load``, the CLI, the demo). ``metrics``
-and the ``_paths`` helpers import no other diffusolve module, so any layer may use them. Every
-import counts, including the ones inside functions (lazy imports are still dependencies).
+edit < bench/train < the package top (``diffusolve.load``, the CLI, the demo). ``metrics``,
+``images`` and the ``_paths`` helpers import no other diffusolve module, so any layer may
+use them. Every import counts, including the ones inside functions (lazy imports are still
+dependencies).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "diffusolve"
 LAYERS = {
     "_paths": 0,
     "metrics": 0,
+    "images": 0,
     "process": 0,
     "models": 1,
     "solvers": 2,
@@ -30,7 +32,6 @@ LAYERS = {
     "train": 6,
     "distributed": 6,
     "loading": 7,
-    "images": 7,
     "demo": 7,
     "sample_cli": 7,
     "restore_cli": 7,
@@ -40,7 +41,7 @@ LAYERS = {
     "__init__": 7,
 }
 #: packages that may import no other diffusolve package at all
-LEAVES = ("_paths", "metrics")
+LEAVES = ("_paths", "metrics", "images")
 
 
 def _module_name(path: Path) -> str:

@@ -21,7 +21,9 @@ steps, on the DDPM tasks.
 **Tasks**: ``gmm-d64`` (an exact class-conditional Gaussian mixture, d = 64, DDPM-linear
 process, 2 classes of 3 full-covariance components; data drawn exactly from class 1),
 ``gmm-d64-rf`` (the same mixture on the rectified-flow process, for flow inversions) and
-``digits`` (the bundled class-conditional model on held-out digits with their labels).
+``digits`` (the bundled class-conditional model on held-out digits with their labels) and
+``digits-tokens`` (the caption-conditioned model on the same digits with their measured
+captions; the one task where null-text inversion has a float null condition to optimise).
 Guidance scales 1, 3 and 7.5; steps 10, 20, 50; float32 and float64, and for digits
 ``mixed``: the float32 network driving float64 latents (the network's input is cast to
 float32 and its output back), which keeps exact schemes exact without a float64 network.
@@ -60,7 +62,7 @@ __all__ = [
 
 BENCH = "inversion"
 KEY_FIELDS = ("bench", "phase", "task", "library", "method", "nfe", "cfg", "dtype")
-TASKS = ("gmm-d64", "gmm-d64-rf", "digits")
+TASKS = ("gmm-d64", "gmm-d64-rf", "digits", "digits-tokens")
 #: reversed solvers run besides the registered inverters
 EXTRA_SOLVERS = ("ddim", "dpmpp_2m")
 #: dtype name -> (network dtype, state dtype); "mixed" = a float32 network driving float64
@@ -159,19 +161,26 @@ class _Task:
             self.null = self.base.null_cond
         else:
             from ..models import load
+            from ..models.attributes import captions
             from ..models.data import load_digits
 
             self.base = load(name, dtype=net)
             images, labels = load_digits("test")
             self.x = images[:n_digits].to(dtype)
             self.cond = labels[:n_digits].to(torch.long)
+            if name == "digits-tokens":  # each digit's own caption
+                self.cond = captions(images[:n_digits], labels[:n_digits])
             self.counter = _Counter(self.base.model)
             self.null = None
         self.ddpm = self.base.process.name.startswith("ddpm")
 
     def guided(self, scale: float) -> Any:
         from ..guidance import classifier_free
+        from ..models.bundled import TokenConditioned
 
+        if isinstance(self.base, TokenConditioned):  # guided on embeddings, as diffusolve.load
+            null = self.base.embed(None, 1)
+            return self.base.rewrap(classifier_free(self.base.model, scale, null_cond=null))
         return classifier_free(self.base, scale, null_cond=self.null)
 
 
@@ -417,7 +426,7 @@ def _edit_jobs(opts: dict[str, Any], cache: dict) -> Iterator[Job]:
 def _jobs(opts: dict[str, Any], methods: list[str], tasks: dict) -> Iterator[Job]:
     for name in opts["tasks"]:
         dtypes = opts["dtypes"]
-        if name == "digits" and opts.get("quick_digits_dtypes"):
+        if name.startswith("digits") and opts.get("quick_digits_dtypes"):
             dtypes = opts["quick_digits_dtypes"]
         if not name.startswith("digits"):  # an analytic model computes in float64 anyway
             dtypes = [d for d in dtypes if d != "mixed"]
@@ -431,7 +440,7 @@ def _jobs(opts: dict[str, Any], methods: list[str], tasks: dict) -> Iterator[Job
                     def task_of(name: str = name, dtype: str = dtype) -> _Task:
                         key = (name, dtype)
                         if key not in tasks:
-                            n = opts["n_digits"] if name == "digits" else opts["n_gmm"]
+                            n = opts["n_digits"] if name.startswith("digits") else opts["n_gmm"]
                             tasks[key] = _Task(name, DTYPES[dtype], opts["n_gmm"], n)
                         return tasks[key]
 

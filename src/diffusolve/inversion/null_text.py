@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from ..guidance.cfg import ClassifierFreeGuidance, concat_cond
-from ..models.bundled import LabelConditioned
+from ..models.bundled import LabelConditioned, TokenConditioned
 from ..solvers.base import BoundModel
 from .base import Inversion, Inverter, register
 from .fixed_point import Steps, _check_int, _check_pos, ddim_pivot, ddim_sample
@@ -70,6 +70,8 @@ class GuidedParts:
         null_cond: the null condition in the network's form (``None`` when unguided).
         label_model: the label wrapper whose ``labels`` converts conditions, if any.
         guided_model: whether the model is classifier-free guided at all.
+        token_model: the caption wrapper whose ``embed`` converts conditions (captions,
+            token ids) to the embedded tokens the network takes, if any.
     """
 
     net: Any
@@ -78,10 +80,13 @@ class GuidedParts:
     label_model: LabelConditioned | None = None
     guided_model: bool = True
     nfe: int = 0
+    token_model: TokenConditioned | None = None
 
     def net_cond(self, cond: Any, batch: int, device: torch.device) -> Any:
         if self.label_model is not None:
             return self.label_model.labels(cond, batch, device)
+        if self.token_model is not None:
+            return self.token_model.embed(cond, batch, device)
         return cond
 
     def branch(self, x: Tensor, t: Tensor, c: Any) -> Tensor:
@@ -108,9 +113,10 @@ class GuidedParts:
 def guided_parts(model: Any, *, method: str, required: bool) -> GuidedParts:
     """Take a classifier-free-guidance model apart (see :class:`GuidedParts`).
 
-    Accepts a :class:`~diffusolve.guidance.ClassifierFreeGuidance` or a
-    :class:`~diffusolve.models.LabelConditioned` around one (``diffusolve.load(name,
-    guidance=w)``). Any other model is refused when ``required`` (the error says what is
+    Accepts a :class:`~diffusolve.guidance.ClassifierFreeGuidance`, or a
+    :class:`~diffusolve.models.LabelConditioned` or caption wrapper
+    (:class:`~diffusolve.models.bundled.TokenConditioned`) around one (what
+    ``diffusolve.load(name, guidance=w)`` returns). Any other model is refused when ``required`` (the error says what is
     missing: the null condition) and otherwise taken as unguided (scale 1).
     """
     if isinstance(model, ClassifierFreeGuidance):
@@ -118,6 +124,9 @@ def guided_parts(model: Any, *, method: str, required: bool) -> GuidedParts:
     if isinstance(model, LabelConditioned) and isinstance(model.model, ClassifierFreeGuidance):
         cfg = model.model
         return GuidedParts(cfg.model, cfg.scale, cfg.null_cond, label_model=model)
+    if isinstance(model, TokenConditioned) and isinstance(model.model, ClassifierFreeGuidance):
+        cfg = model.model  # the network guided on embedded tokens; captions converted outside
+        return GuidedParts(cfg.model, cfg.scale, cfg.null_cond, token_model=model)
     if required:
         raise TypeError(
             f"{method} inversion needs a classifier-free-guidance model, and "
