@@ -87,15 +87,16 @@ FULL: dict[str, Any] = dict(
     n_edit=16,
     edit_steps=50,
 )
-#: ``--quick``: 20 steps, guidance 1 and 3, the GMM tasks in both dtypes and 4 digits with
-#: a float32 network (float32 and float64 latents)
+#: ``--quick``: guidance 3, 10 steps; the GMM tasks in both dtypes, 2 digits with a
+#: float32 network (float32 and float64 latents; the caption model in float32 only); the
+#: editing phase with direct inversion and prompt-to-prompt on 4 digits at 20 steps
 QUICK: dict[str, Any] = dict(
     FULL,
-    cfgs=[1.0, 3.0],
-    steps=[20],
+    cfgs=[3.0],
+    steps=[10],
     n_gmm=32,
-    n_digits=4,
-    quick_digits_dtypes=["float32", "mixed"],
+    n_digits=2,
+    quick_dtypes={"digits": ["float32", "mixed"], "digits-tokens": ["float32"]},
     edit_models=["digits-tokens"],
     edit_methods=["direct", "p2p"],
     n_edit=4,
@@ -426,8 +427,8 @@ def _edit_jobs(opts: dict[str, Any], cache: dict) -> Iterator[Job]:
 def _jobs(opts: dict[str, Any], methods: list[str], tasks: dict) -> Iterator[Job]:
     for name in opts["tasks"]:
         dtypes = opts["dtypes"]
-        if name.startswith("digits") and opts.get("quick_digits_dtypes"):
-            dtypes = opts["quick_digits_dtypes"]
+        if opts.get("quick_dtypes") and name in opts["quick_dtypes"]:
+            dtypes = opts["quick_dtypes"][name]
         if not name.startswith("digits"):  # an analytic model computes in float64 anyway
             dtypes = [d for d in dtypes if d != "mixed"]
         for dtype in dtypes:
@@ -486,7 +487,7 @@ def run_inversion(
         raise TypeError(f"unknown options {sorted(unknown)}; known: {sorted(FULL)}")
     opts.update(options)
     if "dtypes" in options:  # an explicit choice applies to every task
-        opts["quick_digits_dtypes"] = None
+        opts["quick_dtypes"] = None
     bad = [t for t in opts["tasks"] if t not in TASKS]
     if bad:
         raise ValueError(f"unknown task {bad[0]!r}; choose from {', '.join(TASKS)}")
