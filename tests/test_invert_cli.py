@@ -228,3 +228,24 @@ def test_null_text_on_the_caption_model_beats_ddim_inversion():
         errs[method] = float((rec - x).norm() / x.norm())
     assert errs["null_text"] < 0.8 * errs["ddim"], errs
     assert errs["direct"] < 1e-5, errs
+
+
+def test_edit_command(tmp_path, capsys, digit):
+    """diffusolve edit: a caption edit on the token model, a label edit on the class model,
+    and the clear refusals (attention method without cross-attention, unknown word)."""
+    out = tmp_path / "e.png"
+    base = ["edit", "--image", str(digit[0]), "--steps", "3", "--no-progress", "--force"]
+    argv = base + ["--model", "digits-tokens", "--source", "one", "--target", "seven"]
+    assert main(argv + ["--method", "p2p", "--out", str(out)]) == 0
+    assert Image.open(out).size == (16 * 8, 16 * 8)
+    assert "p2p edit 'one' -> 'seven'" in capsys.readouterr().out
+    argv = base + ["--model", "digits", "--source", "1", "--target", "7", "--out", str(out)]
+    assert main(argv + ["--method", "direct"]) == 0
+    assert main(argv + ["--method", "p2p"]) == 2
+    assert "cross-attention" in capsys.readouterr().err
+    argv = base + ["--model", "digits-tokens", "--source", "one", "--target", "purple seven"]
+    assert main(argv + ["--out", str(out)]) == 2
+    assert "unknown word 'purple'" in capsys.readouterr().err
+    argv = base + ["--model", "digits", "--source", "one", "--target", "7", "--out", str(out)]
+    assert main(argv) == 2
+    assert "must be labels" in capsys.readouterr().err
