@@ -249,3 +249,19 @@ def test_edit_command(tmp_path, capsys, digit):
     argv = base + ["--model", "digits", "--source", "one", "--target", "7", "--out", str(out)]
     assert main(argv) == 2
     assert "must be labels" in capsys.readouterr().err
+
+
+def test_demo_edit_panel(tmp_path, monkeypatch):
+    """The demo's editing section alone, one digit per edit and 4 steps."""
+    import time
+
+    from diffusolve import demo
+
+    monkeypatch.setattr(demo, "DEMO_EDIT_N", (1, 1))
+    monkeypatch.setattr(demo, "DEMO_EDIT_STEPS", (4, 4))
+    md, tables = demo._edit_section(tmp_path, True, False, time.time())
+    assert "![edit panel](edit.png)" in md
+    lines = tables[0].splitlines()[2:]
+    assert len(lines) == 2 * len(demo.DEMO_EDIT_METHODS)
+    columns = 1 + len(demo.DEMO_EDIT_METHODS)
+    assert Image.open(tmp_path / "edit.png").size == (3 * (columns * 17 + 1), 3 * (2 * 17 + 1))

@@ -58,6 +58,10 @@ __all__ = [
     "run_inversion",
     "markdown_report",
     "plot_results",
+    "edit_data",
+    "edit_conds",
+    "edit_scores",
+    "edit_panels",
 ]
 
 BENCH = "inversion"
@@ -262,7 +266,7 @@ EDIT_MARGIN = 1
 INK_LEVEL = 0.25
 
 
-def _edit_data(task: str, n: int) -> tuple[Tensor, Tensor]:
+def edit_data(task: str, n: int) -> tuple[Tensor, Tensor]:
     """The first ``n`` held-out digits of the task (threes; thin digits of any class)."""
     from ..models.attributes import attribute_bins
     from ..models.data import load_digits
@@ -276,7 +280,7 @@ def _edit_data(task: str, n: int) -> tuple[Tensor, Tensor]:
     return images[idx], labels[idx]
 
 
-def _edit_conds(task: str, model_name: str, images: Tensor, labels: Tensor) -> tuple:
+def edit_conds(task: str, model_name: str, images: Tensor, labels: Tensor) -> tuple:
     """Source and target conditions (captions for the token model, labels otherwise) and
     the target class and thickness bin (``None`` where the edit does not set them)."""
     from ..models.attributes import ATTRIBUTE_WORDS, DIGIT_WORDS, captions
@@ -372,8 +376,8 @@ def _edit_job(
 
     key = (task, model_name)
     if key not in cache:
-        images, labels = _edit_data(task, n)
-        conds = _edit_conds(task, model_name, images, labels)
+        images, labels = edit_data(task, n)
+        conds = edit_conds(task, model_name, images, labels)
         cache[key] = (load(model_name), images, labels, conds)
     model, images, labels, conds = cache[key]
     if conds is None:
