@@ -429,38 +429,51 @@ def _edit_jobs(opts: dict[str, Any], cache: dict) -> Iterator[Job]:
 
 # ----------------------------------------------------------------------------- run
 def _jobs(opts: dict[str, Any], methods: list[str], tasks: dict) -> Iterator[Job]:
-    for name in opts["tasks"]:
-        dtypes = opts["dtypes"]
-        if opts.get("quick_dtypes") and name in opts["quick_dtypes"]:
-            dtypes = opts["quick_dtypes"][name]
-        if not name.startswith("digits"):  # an analytic model computes in float64 anyway
-            dtypes = [d for d in dtypes if d != "mixed"]
-        for dtype in dtypes:
-            for scale in opts["cfgs"]:
-                for steps in opts["steps"]:
-                    base = dict(
-                        bench=BENCH, phase="roundtrip", task=name, nfe=steps, cfg=scale, dtype=dtype
-                    )
+    """Step counts outermost (fewest first), so an interrupted run has whole tables at the
+    smaller counts; then task, dtype, guidance scale, method."""
+    for steps in sorted(opts["steps"]):
+        for name in opts["tasks"]:
+            dtypes = opts["dtypes"]
+            if opts.get("quick_dtypes") and name in opts["quick_dtypes"]:
+                dtypes = opts["quick_dtypes"][name]
+            if not name.startswith("digits"):  # an analytic model computes in float64 anyway
+                dtypes = [d for d in dtypes if d != "mixed"]
+            for dtype in dtypes:
+                for scale in opts["cfgs"]:
+                    yield from _task_jobs(opts, methods, tasks, name, dtype, scale, steps)
 
-                    def task_of(name: str = name, dtype: str = dtype) -> _Task:
-                        key = (name, dtype)
-                        if key not in tasks:
-                            n = opts["n_digits"] if name.startswith("digits") else opts["n_gmm"]
-                            tasks[key] = _Task(name, DTYPES[dtype], opts["n_gmm"], n)
-                        return tasks[key]
 
-                    for m in methods:
-                        yield Job(
-                            dict(base, library="diffusolve", method=m),
-                            lambda store, m=m, s=steps, w=scale, f=task_of: _ours(f(), m, s, w),
-                            label=f"{name} {dtype} cfg={scale:g} steps={steps} {m}",
-                        )
-                    if opts["diffusers"] and not name.endswith("-rf"):
-                        yield Job(
-                            dict(base, library="diffusers", method="DDIMInverseScheduler"),
-                            lambda store, s=steps, w=scale, f=task_of: _diffusers_ddim(f(), s, w),
-                            label=f"{name} {dtype} cfg={scale:g} steps={steps} diffusers DDIM",
-                        )
+def _task_jobs(
+    opts: dict[str, Any],
+    methods: list[str],
+    tasks: dict,
+    name: str,
+    dtype: str,
+    scale: float,
+    steps: int,
+) -> Iterator[Job]:
+    base = dict(bench=BENCH, phase="roundtrip", task=name, nfe=steps, cfg=scale, dtype=dtype)
+
+    def task_of() -> _Task:
+        key = (name, dtype)
+        if key not in tasks:
+            n = opts["n_digits"] if name.startswith("digits") else opts["n_gmm"]
+            tasks[key] = _Task(name, DTYPES[dtype], opts["n_gmm"], n)
+        return tasks[key]
+
+    label = f"{name} {dtype} cfg={scale:g} steps={steps}"
+    for m in methods:
+        yield Job(
+            dict(base, library="diffusolve", method=m),
+            lambda store, m=m: _ours(task_of(), m, steps, scale),
+            label=f"{label} {m}",
+        )
+    if opts["diffusers"] and not name.endswith("-rf"):
+        yield Job(
+            dict(base, library="diffusers", method="DDIMInverseScheduler"),
+            lambda store: _diffusers_ddim(task_of(), steps, scale),
+            label=f"{label} diffusers DDIM",
+        )
 
 
 def run_inversion(
@@ -556,7 +569,7 @@ def _summary(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["methods"][name] = {
             k: r.get(k) for k in ("recon_error", "recon_error_max", "nfe_used", "skipped", "failed")
         } | {"seconds": r.get("seconds")}
-    return list(rows.values())
+    return sorted(rows.values(), key=lambda r: (r["cfg"], r["nfe"]))
 
 
 # ----------------------------------------------------------------------------- report
