@@ -285,3 +285,25 @@ def test_exact_schemes_on_the_caption_model_float64(scale):
             rec = reconstruct(model, inv)
         err = float((rec - x).norm() / x.norm())
         assert err < 1e-10, (method, err)
+
+
+def test_classifier_free_on_the_caption_model_takes_captions():
+    """classifier_free(caption model, w) guides on embeddings: captions, ids and embeddings
+    give the same guided output, equal to diffusolve.load(..., guidance=w)."""
+    import diffusolve
+    from diffusolve.guidance import classifier_free
+    from diffusolve.models import TokenConditioned, load
+
+    model = load("digits-tokens")
+    guided = classifier_free(model, 3.0)
+    assert isinstance(guided, TokenConditioned)
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    cap = "thick upright small three"
+    with torch.no_grad():
+        a = guided(x, 400.0, cap)
+        b = guided(x, 400.0, model.tokenizer.encode(cap))
+        c = guided(x, 400.0, model.embed(cap, 1))
+        d = diffusolve.load("digits-tokens", guidance=3.0)(x, 400.0, cap)
+        u, k = model(x, 400.0, None), model(x, 400.0, cap)
+    assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a, d)
+    torch.testing.assert_close(a, u + 3.0 * (k - u), rtol=1e-4, atol=1e-5)

@@ -50,11 +50,8 @@ def load(
     model = load_model(name, dtype=dtype)
     if guidance is None:
         return model
-    if isinstance(model, TokenConditioned):
-        # guide the network on embedded tokens, captions converted outside: every cond
-        # form (captions, ids, embeddings) then works, as without guidance
-        null = model.embed(None, 1)
-        return model.rewrap(classifier_free(model.model, guidance, null_cond=null))
+    if isinstance(model, TokenConditioned):  # guided on embeddings, captions outside
+        return classifier_free(model, guidance)
     if not isinstance(model, LabelConditioned):
         raise ValueError(
             f"guidance needs a class-conditional model (a UNet with num_class_embeds); {name} "

@@ -181,11 +181,7 @@ class _Task:
 
     def guided(self, scale: float) -> Any:
         from ..guidance import classifier_free
-        from ..models.bundled import TokenConditioned
 
-        if isinstance(self.base, TokenConditioned):  # guided on embeddings, as diffusolve.load
-            null = self.base.embed(None, 1)
-            return self.base.rewrap(classifier_free(self.base.model, scale, null_cond=null))
         return classifier_free(self.base, scale, null_cond=self.null)
 
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..models.base import Denoiser
-from ..models.bundled import LabelConditioned
+from ..models.bundled import LabelConditioned, TokenConditioned
 from ..process import as_time
 
 __all__ = ["ClassifierFreeGuidance", "concat_cond", "classifier_free", "check_scale"]
@@ -131,8 +131,10 @@ def classifier_free(model: Any, scale: float, *, null_cond: Any = None) -> Denoi
 
     A label model (:class:`~diffusolve.models.LabelConditioned`, what
     :func:`diffusolve.models.load` returns for class-conditional UNets) keeps taking int
-    labels, and its null class is the unconditional input; any other denoiser needs
-    ``null_cond`` (e.g. the empty prompt's embedding).
+    labels, and its null class is the unconditional input; a caption model
+    (:class:`~diffusolve.models.bundled.TokenConditioned`, ``digits-tokens``) keeps taking
+    captions, ids or embeddings, and the empty caption is its null input; any other
+    denoiser needs ``null_cond`` (e.g. the empty prompt's embedding).
 
     Example:
         >>> import torch
@@ -149,6 +151,11 @@ def classifier_free(model: Any, scale: float, *, null_cond: Any = None) -> Denoi
             raise ValueError("a label model's null class is fixed; do not pass null_cond")
         inner = ClassifierFreeGuidance(model.model, scale, null_cond=torch.tensor([model.null]))
         return LabelConditioned(inner, num_labels=model.num_labels, null=model.null)
+    if isinstance(model, TokenConditioned) and null_cond is None:
+        # guide the network on embedded tokens (the empty caption's as the null input) and
+        # convert captions outside, so every condition form works under guidance
+        inner = ClassifierFreeGuidance(model.model, scale, null_cond=model.embed(None, 1))
+        return model.rewrap(inner)
     if null_cond is None:
         raise ValueError(
             "classifier-free guidance needs the unconditional input: pass null_cond (for a "
