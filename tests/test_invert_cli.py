@@ -307,3 +307,17 @@ def test_classifier_free_on_the_caption_model_takes_captions():
         u, k = model(x, 400.0, None), model(x, 400.0, cap)
     assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a, d)
     torch.testing.assert_close(a, u + 3.0 * (k - u), rtol=1e-4, atol=1e-5)
+
+
+def test_invert_with_a_prompt_under_guidance(tmp_path, capsys, digit):
+    lat = tmp_path / "l.safetensors"
+    argv = ["invert", "--model", "digits-tokens", "--image", str(digit[0]), "--prompt", "one"]
+    argv += ["--guidance", "3", "--method", "direct", "--steps", "3", "--out", str(lat)]
+    assert main(argv + ["--no-progress"]) == 0
+    assert float(capsys.readouterr().out.rsplit("error", 1)[1]) < 1e-12
+    out = tmp_path / "r.png"
+    assert (
+        main(["reconstruct", "--inversion", str(lat), "--prompt", "seven", "--out", str(out)]) == 0
+    )
+    assert main(["reconstruct", "--inversion", str(lat), "--label", "7", "--out", str(out)]) == 2
+    assert "--label needs a class-conditional model" in capsys.readouterr().err

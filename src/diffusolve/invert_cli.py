@@ -115,23 +115,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def guided_model(name: str, guidance: float, dtype: Any) -> Any:
-    """The model ``name`` with classifier-free guidance at ``guidance`` (1: none)."""
-    from .guidance import classifier_free
-    from .models import LabelConditioned
-    from .models import load as load_model
+    """The model ``name`` with classifier-free guidance at ``guidance`` (1: none), as
+    :func:`diffusolve.load` builds it (label and caption models know their null input)."""
+    from .loading import load
 
-    model = load_model(name, dtype=dtype)
-    if guidance == 1.0:
-        return model
-    if isinstance(model, LabelConditioned):
-        return classifier_free(model, guidance)
-    null = getattr(model, "null_cond", None)
-    if null is None:
-        raise ValueError(
-            f"--guidance {guidance:g} needs a conditional model with a null condition; "
-            f"{name} has none (use --guidance 1)"
-        )
-    return classifier_free(model, guidance, null_cond=null)
+    return load(name, guidance=None if guidance == 1.0 else guidance, dtype=dtype)
 
 
 def _cond(args: argparse.Namespace, model: Any, *, default: Any = None) -> Any:
