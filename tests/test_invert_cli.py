@@ -322,3 +322,22 @@ def test_invert_with_a_prompt_under_guidance(tmp_path, capsys, digit):
     argv = ["reconstruct", "--inversion", str(lat), "--label", "7", "--out", str(out), "--force"]
     assert main(argv) == 2
     assert "--label needs a class-conditional model" in capsys.readouterr().err
+
+
+def test_fixed_point_never_worse_than_its_ddim_start_under_strong_guidance():
+    """Under guidance 3 on an exact class-conditional mixture the fixed-point map does not
+    contract everywhere; each step keeps its best iterate, so the inversion beats reversed
+    DDIM (before that fix: 0.40 against DDIM's 0.38)."""
+    out = binv.run_inversion(
+        methods=["fixed_point", "ddim"],
+        tasks=["gmm-d64"],
+        cfgs=[3.0],
+        steps=[10],
+        dtypes=["float64"],
+        n_gmm=16,
+        diffusers=False,
+        edit_tasks=[],
+        progress=False,
+    )
+    err = {r["method"]: r["recon_error"] for r in out["records"]}
+    assert err["fixed_point"] < 0.8 * err["ddim"], err

@@ -257,8 +257,10 @@ class FixedPointInversion(ImplicitDDIMInverter):
 
     with ``F = f(z) - z`` and ``dF``, ``dG`` the differences of the last residuals and
     maps. A step stops when the per-sample RMS residual ``||f(z) - z||`` is below ``tol``
-    for every sample (the returned ``z`` is the iterate whose residual was measured) or
-    after ``max_iter`` evaluations of ``f``. Reconstruction is plain DDIM.
+    for every sample or after ``max_iter`` evaluations of ``f``; each sample then gets its
+    iterate with the smallest measured residual (where the map does not contract, as under
+    strong guidance, the iteration can wander off: the step never does worse than the
+    plain DDIM step it started from). Reconstruction is plain DDIM.
 
     ``aux["residual"]`` holds each step's final residual (max over the batch) and
     ``aux["evals"]`` each step's model evaluations (1 for the start plus one per ``f``).
@@ -319,6 +321,10 @@ class FixedPointInversion(ImplicitDDIMInverter):
         hist_f: list[Tensor] = []
         hist_g: list[Tensor] = []
         iters = 1
+        # per sample, the iterate with the smallest residual so far: where the map does not
+        # contract (strong guidance), the iteration may wander off, and the step then
+        # returns its best iterate (at worst the plain DDIM step it started from)
+        z_best, res_best = z, res
         while float(res.max()) >= self.tol and iters < self.max_iter:
             corr = _anderson_correction(r, hist_f, hist_g) if hist_f else None
             z_new = g if corr is None else g - corr
@@ -345,7 +351,11 @@ class FixedPointInversion(ImplicitDDIMInverter):
                     hist_f.pop(0)
                     hist_g.pop(0)
             z, g, r, res = z_new, g_new, r_new, res_new
-        return z, {"residual": float(res.max()), "iterations": iters}
+            better = res < res_best
+            if bool(better.any()):
+                z_best = torch.where(better.reshape((-1,) + (1,) * (z.ndim - 1)), z, z_best)
+                res_best = torch.minimum(res, res_best)
+        return z_best, {"residual": float(res_best.max()), "iterations": iters}
 
 
 def _anderson_correction(r: Tensor, hist_f: list[Tensor], hist_g: list[Tensor]) -> Tensor:
