@@ -324,20 +324,22 @@ def test_invert_with_a_prompt_under_guidance(tmp_path, capsys, digit):
     assert "--label needs a class-conditional model" in capsys.readouterr().err
 
 
-def test_fixed_point_never_worse_than_its_ddim_start_under_strong_guidance():
+def test_fixed_point_step_never_ends_above_its_ddim_start_residual():
     """Under guidance 3 on an exact class-conditional mixture the fixed-point map does not
-    contract everywhere; each step keeps its best iterate, so the inversion beats reversed
-    DDIM (before that fix: 0.40 against DDIM's 0.38)."""
-    out = binv.run_inversion(
-        methods=["fixed_point", "ddim"],
-        tasks=["gmm-d64"],
-        cfgs=[3.0],
-        steps=[10],
-        dtypes=["float64"],
-        n_gmm=16,
-        diffusers=False,
-        edit_tasks=[],
-        progress=False,
-    )
-    err = {r["method"]: r["recon_error"] for r in out["records"]}
-    assert err["fixed_point"] < 0.8 * err["ddim"], err
+    contract everywhere; a step returns each sample's best iterate, so its residual never
+    ends above the plain DDIM step's it started from (it did before: the last iterate was
+    returned)."""
+    from diffusolve.guidance import classifier_free
+    from diffusolve.inversion import invert
+    from diffusolve.models.analytic import ClassConditionalMixture
+    from diffusolve.process import ddpm
+
+    base = ClassConditionalMixture.random(64, 2, 3, process=ddpm(), seed=0)
+    model = classifier_free(base, 3.0, null_cond=base.null_cond)
+    x = base.sample(16, 1, generator=torch.Generator().manual_seed(1))
+    cond = torch.ones(16, dtype=torch.long)
+    start = invert(model, x, 10, "fixed_point", cond=cond, max_iter=1, progress=False)
+    solved = invert(model, x, 10, "fixed_point", cond=cond, progress=False)
+    # the first step starts from the same data, so the two are comparable there
+    assert float(solved.aux["residual"][0]) <= float(start.aux["residual"][0])
+    assert bool((solved.aux["residual"] < 1e-5).any())
