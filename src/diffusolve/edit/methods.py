@@ -6,7 +6,12 @@ Two families:
   invert the image under the source condition with :func:`diffusolve.inversion.invert`,
   regenerate under the target with :func:`diffusolve.inversion.reconstruct` (for
   ``direct``: the target branch of ``direct_edit``, the offsets kept on the source branch;
-  with the target equal to the source, the exact reconstruction). What is preserved is what each inverter keeps
+  with the target equal to the source, the exact reconstruction). Alone, ``direct``'s target
+  branch is the guided DDIM regeneration from the unguided DDIM latent, i.e. the same edit as
+  ``ddim`` (measured identical in ``bench inversion``): the offsets pay off when the target
+  branch reads the exactly reproduced source branch, which is what ``p2p``, ``uam`` and
+  ``guide_rescale`` do (Direct Inversion + P2P is the paper's pairing). What is preserved is
+  what each inverter keeps
   (EDICT's coupled sequences, BDIA's previous state, per-step null embeddings, direct
   inversion's offsets). ``ddim`` inverts without guidance (as P2P / null-text do) and
   regenerates with it. Options are the inverter's (``edit(..., method="edict", p=0.9)``).
