@@ -403,6 +403,8 @@ def _edit_jobs(opts: dict[str, Any], cache: dict) -> Iterator[Job]:
     methods = opts.get("edit_methods") or list_methods()
     for task in opts["edit_tasks"]:
         for model_name in opts["edit_models"]:
+            if model_name == "digits" and task != "3to8":
+                continue  # a label model has no thickness condition
             for m in methods:
                 key = dict(
                     bench=BENCH,
