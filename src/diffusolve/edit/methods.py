@@ -199,7 +199,7 @@ def _inversion_method(
 
 _inversion_method("ddim", 7.5, "DDIM inversion (Song et al. 2021; P2P's setting).", True)
 _inversion_method("edict", 3.0, "Wallace et al., EDICT, CVPR 2023.")
-_inversion_method("bdia", 3.0, "Zhang et al., BDIA, ECCV 2024.")
+_inversion_method("bdia", 3.0, "Zhang, Lewis & Kleijn, BDIA, arXiv 2307.10829 (2023).")
 _inversion_method("null_text", 7.5, "Mokady et al., Null-text Inversion, CVPR 2023.")
 _inversion_method("direct", 7.5, "Ju et al., PnP / Direct Inversion, ICLR 2024.")
 _inversion_method("ddcm", 2.3, "Xu et al., InfEdit (DDCM virtual inversion), CVPR 2024.")
