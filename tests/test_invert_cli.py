@@ -342,3 +342,40 @@ def test_fixed_point_step_never_ends_above_its_ddim_start_residual():
     # the first step starts from the same data, so the two are comparable there
     assert float(solved.aux["residual"][0]) <= float(start.aux["residual"][0])
     assert bool((solved.aux["residual"] < 1e-5).any())
+
+
+def test_edict_float32_round_trip_keeps_its_state_in_float64():
+    """EDICT's two sequences drift apart in float32 and rounding rides on the drift (1e-3
+    to 1e-2 on digits); by default the state is float64 (the network stays float32), so a
+    float32 round trip is exact to float32 rounding, returned in float32."""
+    import diffusolve
+    from diffusolve.inversion import invert, reconstruct
+    from diffusolve.models.data import load_digits
+
+    model = diffusolve.load("digits", guidance=3.0)
+    x, y = load_digits("heldout")
+    x, c = x[:2], y[:2]
+    errs = {}
+    for precision in ("float64", "input"):
+        inv = invert(model, x, 10, "edict", cond=c, precision=precision, progress=False)
+        with torch.no_grad():
+            rec = reconstruct(model, inv)
+        assert rec.dtype == torch.float32
+        errs[precision] = float((rec.double() - x.double()).norm() / x.double().norm())
+    assert errs["float64"] < 1e-6 < 1e-4 < errs["input"], errs
+    assert inv.latent.dtype == torch.float32  # "input": the state is the input's dtype
+
+
+def test_edict_inversion_file_keeps_the_output_dtype(tmp_path):
+    import diffusolve
+    from diffusolve.inversion import invert, load_inversion, reconstruct
+    from diffusolve.models.data import load_digits
+
+    model = diffusolve.load("digits")
+    x, y = load_digits("heldout")
+    inv = invert(model, x[:1], 3, "edict", cond=y[:1], progress=False)
+    assert inv.latent.dtype == torch.float64
+    back = load_inversion(inv.save(tmp_path / "e.safetensors"))
+    with torch.no_grad():
+        a, b = reconstruct(model, inv), reconstruct(model, back)
+    assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)

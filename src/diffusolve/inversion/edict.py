@@ -25,8 +25,12 @@ returns ``x`` at the clean end. The round trip is exact up to rounding, but the 
 sequences drift apart during sampling unless the mixing damps the drift, and rounding
 errors ride on that drift: measured relative round-trip errors on float32 mixtures with
 ``p = 0.93`` are 3e-4 (20 steps), 1-4e-5 (50) and 2-4e-7 (100), and 1e-3 on the digits
-UNet at 10 steps; in float64 1e-14-5e-11. Use float64, more steps, or a smaller ``p``
-(0.9: 7e-7 at 50 steps) when the round trip must be tight in float32.
+UNet at 10 steps; in float64 1e-14-5e-11. So by default (``precision="float64"``) the
+coupled state is kept in float64 whatever the input's dtype: the network still runs in its
+own dtype (the adapter casts its input and output), the latents are float64, and the
+reconstruction is returned in the input's dtype, so a float32 round trip is exact to
+float32 rounding. ``precision="input"`` computes in the input's dtype (pure float32: use
+more steps or a smaller ``p``, 0.9: 7e-7 at 50 steps).
 
 Paper defaults: ``p = 0.93`` ("values in [0.9, 0.97] generally effective for 50 steps"),
 leapfrog on, 50 steps, guidance 3 for editing.
@@ -39,13 +43,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ..solvers.base import BoundModel
 from .base import Inversion, Inverter, register, sampling_grid
 from .steps import bind, noise_at, progress_bar, step_info
 
-__all__ = ["EDICT"]
+__all__ = ["EDICT", "PRECISIONS"]
+
+#: where EDICT's coupled state lives: float64 whatever the input, or the input's dtype
+PRECISIONS = ("float64", "input")
 
 
 def _coefficients(model: BoundModel, t: Tensor, t_next: Tensor) -> tuple[float, float]:
@@ -63,6 +71,8 @@ class EDICT(Inverter):
     Options:
         p: the mixing weight, in ``(0, 1]`` (``1``: no mixing). Paper default 0.93.
         leapfrog: swap the roles of the two sequences on odd steps (paper default on).
+        precision: ``"float64"`` (default) keeps the two sequences in float64 whatever the
+            input dtype (see the module doc); ``"input"`` computes in the input's dtype.
 
     Per-step use (for editing code): :meth:`step` and :meth:`inverse_step` take and return
     the pair ``(x, y)``; ``i`` is the step's index from the noisy end of the grid.
@@ -76,13 +86,14 @@ class EDICT(Inverter):
         >>> x = gmm.sample(5, torch.Generator().manual_seed(1))
         >>> inv = invert(gmm, x, 20, "edict", p=0.93)
         >>> sorted(inv.aux), inv.nfe
-        (['y'], 40)
+        (['input_dtype', 'y'], 40)
         >>> float((reconstruct(gmm, inv) - x).abs().max()) < 1e-9
         True
     """
 
     p: float = 0.93
     leapfrog: bool = True
+    precision: str = "float64"
 
     name = "edict"
     citation = (
@@ -101,6 +112,11 @@ class EDICT(Inverter):
             )
         if not isinstance(self.leapfrog, bool):
             raise ValueError(f"leapfrog must be True or False, got {self.leapfrog!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+    def _state(self, x: Tensor) -> Tensor:
+        return x.to(torch.float64) if self.precision == "float64" else x
 
     def _swap(self, i: int) -> bool:
         return self.leapfrog and i % 2 == 1
@@ -165,6 +181,8 @@ class EDICT(Inverter):
         bound = BoundModel(model, cond, grid)
         times = grid.unbind()
         n = len(times) - 1
+        input_dtype = str(x.dtype).removeprefix("torch.")
+        x = self._state(x)
         y = x
         bar = progress_bar(progress, n, "invert edict")
         try:
@@ -178,7 +196,8 @@ class EDICT(Inverter):
         finally:
             if bar is not None:
                 bar.close()
-        return Inversion(latent=x, grid=grid, method=self, cond=cond, aux={"y": y}, nfe=bound.nfe)
+        aux = {"y": y, "input_dtype": input_dtype}
+        return Inversion(latent=x, grid=grid, method=self, cond=cond, aux=aux, nfe=bound.nfe)
 
     def reconstruct(
         self,
@@ -195,7 +214,8 @@ class EDICT(Inverter):
         bound = BoundModel(model, cond, grid)
         times = grid.unbind()
         n = len(times) - 1
-        x, y = inversion.latent, inversion.aux["y"].to(inversion.latent)
+        x = self._state(inversion.latent)
+        y = inversion.aux["y"].to(x)
         bar = progress_bar(progress, n, "edict")
         try:
             for i in range(n):
@@ -208,4 +228,5 @@ class EDICT(Inverter):
         finally:
             if bar is not None:
                 bar.close()
-        return x
+        out_dtype = getattr(torch, str(inversion.aux.get("input_dtype", "")), None)
+        return x.to(out_dtype) if isinstance(out_dtype, torch.dtype) else x
