@@ -259,8 +259,16 @@ class PromptToPromptEdit(EditMethod):
     ``equalizer``: ``{word: scale}`` (``{token position: scale}`` without a tokenizer)
     multiplies the target's map columns of those tokens (attention re-weighting).
 
+    ``blend_words``: P2P's local blending. From step ``blend_start * n`` on, the target
+    state is kept equal to the source trajectory outside a mask: the cross-attention of the
+    blend words' tokens (source and target prompts, largest attention resolution), max-pooled
+    over 3x3, resized to the image, divided by its maximum and cut at ``blend_threshold``
+    (union of the source's and the target's masks):
+    ``z_(i+1) <- z*_(i+1) + mask (z_(i+1) - z*_(i+1))``.
+
     Defaults (P2P): ``cross_replace_steps=0.8``, ``self_replace_steps=0.4``, self-attention
-    replaced in layers with at most ``32 ** 2`` queries, guidance 7.5.
+    replaced in layers with at most ``32 ** 2`` queries, guidance 7.5; local blend off,
+    ``blend_threshold=0.3``, ``blend_start=0.2`` when on.
     """
 
     name: ClassVar[str] = "p2p"
@@ -271,16 +279,42 @@ class PromptToPromptEdit(EditMethod):
     self_replace_steps: float = 0.4
     equalizer: tuple[tuple[Any, float], ...] = ()
     self_max_queries: int = 32**2
+    blend_words: tuple[str, ...] = ()
+    blend_threshold: float = 0.3
+    blend_start: float = 0.2
 
     @classmethod
     def from_options(cls, **options: Any) -> EditMethod:
         eq = options.pop("equalizer", None) or {}
         pairs = tuple(eq.items()) if isinstance(eq, dict) else tuple(eq)
-        return cls(equalizer=pairs, **options)
+        words = options.pop("blend_words", None) or ()
+        words = (words,) if isinstance(words, str) else tuple(words)
+        return cls(equalizer=pairs, blend_words=words, **options)
 
     def __post_init__(self) -> None:
         _check_fraction("cross_replace_steps", self.cross_replace_steps)
         _check_fraction("self_replace_steps", self.self_replace_steps)
+        _check_fraction("blend_threshold", self.blend_threshold)
+        _check_fraction("blend_start", self.blend_start)
+
+    def _blend_positions(self, ctx: EditContext) -> tuple[Tensor, Tensor] | None:
+        """``[B, L]`` masks of the blend words' tokens in the source and target prompts."""
+        if not self.blend_words:
+            return None
+        if ctx.tokenizer is None or ctx.source_ids is None or ctx.target_ids is None:
+            raise ValueError("blend_words need a text model with a tokenizer (prompts)")
+        empty = set(ctx.tokenizer.encode("").reshape(-1).tolist())
+        ids = set()
+        for word in self.blend_words:
+            ids |= set(ctx.tokenizer.encode(str(word)).reshape(-1).tolist()) - empty
+        ids_t = torch.tensor(sorted(ids))
+        src = torch.isin(ctx.source_ids.cpu(), ids_t)
+        tgt = torch.isin(ctx.target_ids.cpu(), ids_t)
+        if not bool((src.any(1) | tgt.any(1)).all()):
+            raise ValueError(
+                f"blend_words {list(self.blend_words)} appear in neither prompt of a sample"
+            )
+        return src, tgt
 
     def _equalizer(self, ctx: EditContext, length: int, batch: int) -> Tensor | None:
         if not self.equalizer:
@@ -328,17 +362,48 @@ class PromptToPromptEdit(EditMethod):
         )
         n = grid.numel() - 1
         z = traj[0]
-        with controlled(unet, control):
+        words = self._blend_positions(ctx)
+        store = AttentionStore("cross")
+        rows = 2 * b if guided is not model else b
+
+        def hook(name: str, probs: Tensor, is_cross: bool) -> Tensor:
+            return store(name, control(name, probs, is_cross), is_cross)
+
+        with controlled(unet, hook if words is not None else control):
             for i in range(n):
                 t, t1 = grid[i], grid[i + 1]
                 control.mode = "store"
                 guided(traj[i], t, ctx.source)
+                src_maps = store.token_maps(rows)[:b] if words is not None else None
                 control.mode = "edit"
                 control.cross_active = _window(self.cross_replace_steps, i, n)
                 control.self_active = _window(self.self_replace_steps, i, n)
                 x0 = guided(z, t, ctx.target)
                 z = ddim_move(z, x0, *_ab(model, t), *_ab(model, t1))
+                if words is not None and i >= int(self.blend_start * n):
+                    tgt_maps = store.token_maps(rows)[:b]
+                    th = self.blend_threshold
+                    mask = _blend_mask(src_maps, words[0], x.shape, th)
+                    mask = mask | _blend_mask(tgt_maps, words[1], x.shape, th)
+                    z = traj[i + 1] + mask.to(z.dtype) * (z - traj[i + 1])
         return z
+
+
+def _blend_mask(
+    maps: Tensor, positions: Tensor, shape: torch.Size, threshold: float = 0.3
+) -> Tensor:
+    """Prompt-to-prompt's local-blend mask: the cross-attention of the blend words' tokens
+    (``maps`` ``[B, queries, L]``, ``positions`` ``[B, L]`` bool) summed over those tokens,
+    max-pooled over 3x3, resized to the image, divided by its maximum per sample and cut at
+    ``threshold``: ``[B, 1 or C, H, W]`` bool (True = the edit may change the pixel)."""
+    b, q, _ = maps.shape
+    side = int(round(q**0.5))
+    m = (maps * positions.to(maps.device, maps.dtype)[:, None, :]).sum(-1)
+    m = m.reshape(b, 1, side, side).float()
+    m = torch.nn.functional.max_pool2d(m, 3, stride=1, padding=1)
+    m = torch.nn.functional.interpolate(m, size=tuple(shape[-2:]), mode="bilinear")
+    m = m / m.flatten(1).amax(1).clamp_min(1e-12).reshape(b, 1, 1, 1)
+    return m > threshold
 
 
 def _text_length(ctx: EditContext) -> int:
