@@ -379,3 +379,13 @@ def test_edict_inversion_file_keeps_the_output_dtype(tmp_path):
     with torch.no_grad():
         a, b = reconstruct(model, inv), reconstruct(model, back)
     assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
+
+
+def test_edit_list_names_every_method_and_its_kind(capsys):
+    from diffusolve.edit import list_methods
+
+    assert main(["edit", "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name in list_methods():
+        (line,) = [x for x in lines if x.split()[0] == name]
+        assert ("attention" in line) == (name in ("p2p", "uam", "guide_rescale"))

@@ -232,10 +232,13 @@ def run_reconstruct(args: argparse.Namespace) -> int:
 
 def run_edit(args: argparse.Namespace) -> int:
     if args.list:
-        from .edit import list_methods
+        from .edit.methods import EDIT_METHODS, list_methods
 
-        for line in list_methods():
-            print(line)
+        for name in list_methods():
+            cls = EDIT_METHODS[name]
+            kind = "attention" if cls.needs_attention else "inversion"
+            print(f"{name:14s} {kind:9s} guidance {cls.default_guidance:<4g} {cls.citation}")
+        print("attention methods need a model with cross-attention (e.g. digits-tokens)")
         return 0
     from ._paths import check_file_out
     from .edit import edit
