@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
@@ -42,7 +42,15 @@ from torch import Tensor
 from ..solvers.base import BoundModel
 from .base import Inversion, Inverter, register, sampling_grid
 from .reverse import ddim_up
-from .steps import bind, progress_bar, step_info
+from .steps import (
+    bind,
+    check_precision,
+    dtype_name,
+    from_state,
+    progress_bar,
+    step_info,
+    to_state,
+)
 
 __all__ = ["BDIA", "TwoStateInverter"]
 
@@ -57,6 +65,13 @@ class TwoStateInverter(Inverter):
     """
 
     exact = True
+    #: ``"float64"`` keeps the two states in float64 whatever the input dtype (rounding
+    #: errors accumulate through the recursion: on the caption model at guidance 7.5, 50
+    #: steps, pure float32 ends at 1.3e-5); ``"input"`` computes in the input's dtype
+    precision: str = field(default="float64", kw_only=True)
+
+    def __post_init__(self) -> None:
+        check_precision(self.precision)
 
     def coefficients(
         self, model: BoundModel, t_prev: Tensor, t: Tensor, t_next: Tensor
@@ -127,6 +142,8 @@ class TwoStateInverter(Inverter):
         times = grid.unbind()
         n = len(times) - 1
         bar = progress_bar(progress, n, f"invert {self.name}")
+        input_dtype = dtype_name(x)
+        x = to_state(x, self.precision)
         try:
             z_next, z = x, ddim_up(bound, x, times[n], times[n - 1], "current")
             if callback is not None:
@@ -143,9 +160,8 @@ class TwoStateInverter(Inverter):
         finally:
             if bar is not None:
                 bar.close()
-        return Inversion(
-            latent=z, grid=grid, method=self, cond=cond, aux={"z1": z_next}, nfe=bound.nfe
-        )
+        aux = {"z1": z_next, "input_dtype": input_dtype}
+        return Inversion(latent=z, grid=grid, method=self, cond=cond, aux=aux, nfe=bound.nfe)
 
     def _run(
         self,
@@ -184,8 +200,10 @@ class TwoStateInverter(Inverter):
             raise ValueError(f"a {self.name} inversion needs aux['z1'] (the state at grid[1])")
         grid = self._grid(model, inversion.grid)
         bound = BoundModel(model, cond, grid)
-        z1 = inversion.aux["z1"].to(inversion.latent)
-        return self._run(bound, inversion.latent, z1, grid.unbind(), progress, callback)
+        latent = to_state(inversion.latent, self.precision)
+        z1 = inversion.aux["z1"].to(latent)
+        z = self._run(bound, latent, z1, grid.unbind(), progress, callback)
+        return from_state(z, inversion.aux.get("input_dtype"))
 
     def generate(
         self,
@@ -214,6 +232,8 @@ class BDIA(TwoStateInverter):
     Options:
         gamma: the bi-directional weight in ``[0, 1]`` (``0``: DDIM, not invertible);
             default 1.0.
+        precision: ``"float64"`` (default: the states in float64 whatever the input) or
+            ``"input"`` (see :class:`TwoStateInverter`).
 
     Per-step use: :meth:`step` (``z_prev=None`` for the first, DDIM, step) and
     :meth:`inverse_step`; :meth:`generate` samples from noise.
@@ -227,7 +247,7 @@ class BDIA(TwoStateInverter):
         >>> x = gmm.sample(5, torch.Generator().manual_seed(1))
         >>> inv = invert(gmm, x, 20, "bdia")
         >>> sorted(inv.aux), inv.nfe
-        (['z1'], 20)
+        (['input_dtype', 'z1'], 20)
         >>> float((reconstruct(gmm, inv) - x).abs().max()) < 1e-12
         True
     """
@@ -241,6 +261,7 @@ class BDIA(TwoStateInverter):
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         g = self.gamma
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g):
             raise ValueError(f"gamma must be a number in [0, 1], got {g!r}")

@@ -43,17 +43,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from ..solvers.base import BoundModel
 from .base import Inversion, Inverter, register, sampling_grid
-from .steps import bind, noise_at, progress_bar, step_info
+from .steps import (
+    bind,
+    check_precision,
+    dtype_name,
+    from_state,
+    noise_at,
+    progress_bar,
+    step_info,
+    to_state,
+)
 
-__all__ = ["EDICT", "PRECISIONS"]
-
-#: where EDICT's coupled state lives: float64 whatever the input, or the input's dtype
-PRECISIONS = ("float64", "input")
+__all__ = ["EDICT"]
 
 
 def _coefficients(model: BoundModel, t: Tensor, t_next: Tensor) -> tuple[float, float]:
@@ -112,11 +117,7 @@ class EDICT(Inverter):
             )
         if not isinstance(self.leapfrog, bool):
             raise ValueError(f"leapfrog must be True or False, got {self.leapfrog!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-
-    def _state(self, x: Tensor) -> Tensor:
-        return x.to(torch.float64) if self.precision == "float64" else x
+        check_precision(self.precision)
 
     def _swap(self, i: int) -> bool:
         return self.leapfrog and i % 2 == 1
@@ -181,8 +182,8 @@ class EDICT(Inverter):
         bound = BoundModel(model, cond, grid)
         times = grid.unbind()
         n = len(times) - 1
-        input_dtype = str(x.dtype).removeprefix("torch.")
-        x = self._state(x)
+        input_dtype = dtype_name(x)
+        x = to_state(x, self.precision)
         y = x
         bar = progress_bar(progress, n, "invert edict")
         try:
@@ -214,7 +215,7 @@ class EDICT(Inverter):
         bound = BoundModel(model, cond, grid)
         times = grid.unbind()
         n = len(times) - 1
-        x = self._state(inversion.latent)
+        x = to_state(inversion.latent, self.precision)
         y = inversion.aux["y"].to(x)
         bar = progress_bar(progress, n, "edict")
         try:
@@ -228,5 +229,4 @@ class EDICT(Inverter):
         finally:
             if bar is not None:
                 bar.close()
-        out_dtype = getattr(torch, str(inversion.aux.get("input_dtype", "")), None)
-        return x.to(out_dtype) if isinstance(out_dtype, torch.dtype) else x
+        return from_state(x, inversion.aux.get("input_dtype"))

@@ -72,3 +72,38 @@ def progress_bar(progress: bool | None, total: int, desc: str) -> Any:
 def step_info(i: int, t: Tensor, t_next: Tensor, x: Tensor, x_next: Tensor) -> dict[str, Any]:
     """The dict a callback receives after a step."""
     return {"i": i, "t": t, "t_next": t_next, "x": x, "x_next": x_next}
+
+
+#: where an exact scheme keeps its state: float64 whatever the input, or the input's dtype
+PRECISIONS = ("float64", "input")
+
+
+def check_precision(precision: str) -> None:
+    """Refuse a ``precision`` option outside :data:`PRECISIONS`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def to_state(x: Tensor, precision: str) -> Tensor:
+    """``x`` in the dtype an exact scheme computes its state in (see :data:`PRECISIONS`).
+
+    Rounding errors of an exact round trip grow with the steps and the guidance (they ride
+    on EDICT's drift between its sequences, and accumulate in BDIA's and BELM's two-state
+    recursions), so exact schemes keep their state in float64 by default; the network runs
+    in its own dtype (the adapters cast its input and output)."""
+    import torch
+
+    return x.to(torch.float64) if precision == "float64" else x
+
+
+def dtype_name(x: Tensor) -> str:
+    """``"float32"`` for a float32 tensor (JSON-able, stored in an inversion's aux)."""
+    return str(x.dtype).removeprefix("torch.")
+
+
+def from_state(x: Tensor, input_dtype: str | None) -> Tensor:
+    """A reconstruction in the dtype of the inverted input (``input_dtype`` from aux)."""
+    import torch
+
+    dtype = getattr(torch, str(input_dtype), None) if input_dtype else None
+    return x.to(dtype) if isinstance(dtype, torch.dtype) else x
