@@ -255,32 +255,9 @@ def _inversion_options(args: argparse.Namespace) -> dict[str, Any]:
 def inversion_main(args: argparse.Namespace) -> int:
     from .inversion import markdown_report, plot_results, run_inversion
 
-    try:
-        opts = _inversion_options(args)
-    except UsageError as e:
-        return _error(str(e))
-    try:
-        result = run_inversion(progress=not args.no_progress, **opts)
-    except KeyboardInterrupt:
-        _error(
-            f"interrupted; the finished jobs are in {opts['records']}: rerun the same command "
-            "with --resume to continue"
-        )
-        return 130
-    except (ValueError, FileExistsError) as e:
-        return _error(str(e).splitlines()[0])
-    text = markdown_report(result)
-    print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "inversion.md").write_text(text + "\n")
-    panels = plot_results(result, out)
-    result.pop("_edited", None)  # images, not JSON
-    print(f"wrote {out / 'inversion.md'}")
-    for path in panels:
-        print(f"wrote {path}")
-    _write_json(args.json, result)
-    return 0
+    return _run_report_bench(
+        args, "inversion", _inversion_options, run_inversion, markdown_report, plot_results
+    )
 
 
 def _register_inverse(subparsers: Any) -> None:
@@ -628,12 +605,28 @@ def _inverse_options(args: argparse.Namespace) -> dict[str, Any]:
 def inverse_main(args: argparse.Namespace) -> int:
     from .inverse import markdown_report, plot_results, run_inverse
 
+    return _run_report_bench(
+        args, "inverse", _inverse_options, run_inverse, markdown_report, plot_results
+    )
+
+
+def _run_report_bench(
+    args: argparse.Namespace,
+    name: str,
+    options: Any,
+    run: Any,
+    report: Any,
+    plots: Any,
+) -> int:
+    """The shared handler of the runner-based benches: validate the options, run (an
+    interrupt keeps the records and says how to resume), then write ``DIR/<name>.md``,
+    the plots and ``--json``."""
     try:
-        opts = _inverse_options(args)
+        opts = options(args)
     except UsageError as e:
         return _error(str(e))
     try:
-        result = run_inverse(progress=not args.no_progress, **opts)
+        result = run(progress=not args.no_progress, **opts)
     except KeyboardInterrupt:
         _error(
             f"interrupted; the finished jobs are in {opts['records']}: rerun the same command "
@@ -642,13 +635,15 @@ def inverse_main(args: argparse.Namespace) -> int:
         return 130
     except (ValueError, FileExistsError) as e:
         return _error(str(e).splitlines()[0])
-    text = markdown_report(result)
+    text = report(result)
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "inverse.md").write_text(text + "\n")
-    print(f"wrote {out / 'inverse.md'}")
-    for path in plot_results(result, out):
+    (out / f"{name}.md").write_text(text + "\n")
+    panels = plots(result, out)
+    result.pop("_edited", None)  # edited images (bench inversion), not JSON
+    print(f"wrote {out / f'{name}.md'}")
+    for path in panels:
         print(f"wrote {path}")
     _write_json(args.json, result)
     return 0
