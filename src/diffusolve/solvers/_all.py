@@ -1,3 +1,4 @@
 """Import every solver module so that the registry is complete."""
 
 from . import ddim, deis, dpm_multistep, dpm_solver, dpmpp_ancestral, euler, lcm, pndm, unipc  # noqa: F401
+from .search import usf  # noqa: F401,E402  (the per-step decision solver)
