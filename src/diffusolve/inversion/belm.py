@@ -53,10 +53,10 @@ __all__ = ["BELM"]
 class BELM(TwoStateInverter):
     """O-BELM (exact, second order, one evaluation per step); see the module doc.
 
-    Options: only ``precision`` (``"float64"``, default, or ``"input"``; see
-    :class:`~.bdia.TwoStateInverter`): the coefficients are fixed by the grid. Per-step
-    use: :meth:`step` (``z_prev=None`` for the first, DDIM, step), :meth:`inverse_step`;
-    :meth:`generate` samples from noise.
+    Options: only ``precision`` (``"double-double"``, default, ``"float64"`` or
+    ``"input"``; see :class:`~.bdia.TwoStateInverter`): the coefficients are fixed by the
+    grid. Per-step use: :meth:`step` (``z_prev=None`` for the first, DDIM, step),
+    :meth:`inverse_step`; :meth:`generate` samples from noise.
 
     Example:
         >>> import torch

@@ -25,12 +25,17 @@ returns ``x`` at the clean end. The round trip is exact up to rounding, but the 
 sequences drift apart during sampling unless the mixing damps the drift, and rounding
 errors ride on that drift: measured relative round-trip errors on float32 mixtures with
 ``p = 0.93`` are 3e-4 (20 steps), 1-4e-5 (50) and 2-4e-7 (100), and 1e-3 on the digits
-UNet at 10 steps; in float64 1e-14-5e-11. So by default (``precision="float64"``) the
-coupled state is kept in float64 whatever the input's dtype: the network still runs in its
-own dtype (the adapter casts its input and output), the latents are float64, and the
-reconstruction is returned in the input's dtype, so a float32 round trip is exact to
-float32 rounding. ``precision="input"`` computes in the input's dtype (pure float32: use
-more steps or a smaller ``p``, 0.9: 7e-7 at 50 steps).
+UNet at 10 steps; in float64 1e-14-9e-11 (3e-11-9e-11 on the digits models at 10-20
+steps: the inverse amplifies a rounding error about 1e5-fold there). So by default
+(``precision="double-double"``) the coupled state is kept as a double-float64 pair
+(:mod:`.compensated`, about 32 significant digits) whatever the input's dtype: every
+update is exact to ~1e-32, the network sees the leading float64 part (in its own dtype:
+the adapter casts its input and output), so forward and inverse evaluate it at
+bit-identical inputs, and the reconstruction is returned in the input's dtype. The latents
+are float64; their low parts are kept in ``aux`` (``latent_lo``, ``y_lo``) so a saved
+inversion reconstructs as exactly. ``precision="float64"`` keeps plain float64 states
+(the 1e-11 level above); ``precision="input"`` computes in the input's dtype (pure
+float32: use more steps or a smaller ``p``, 0.9: 7e-7 at 50 steps).
 
 Paper defaults: ``p = 0.93`` ("values in [0.9, 0.97] generally effective for 50 steps"),
 leapfrog on, 50 steps, guidance 3 for editing.
@@ -47,6 +52,7 @@ from torch import Tensor
 
 from ..solvers.base import BoundModel
 from .base import Inversion, Inverter, register, sampling_grid
+from .compensated import Pair, divide, hi, lincomb
 from .steps import (
     bind,
     check_precision,
@@ -54,6 +60,7 @@ from .steps import (
     from_state,
     noise_at,
     progress_bar,
+    state_parts,
     step_info,
     to_state,
 )
@@ -76,11 +83,13 @@ class EDICT(Inverter):
     Options:
         p: the mixing weight, in ``(0, 1]`` (``1``: no mixing). Paper default 0.93.
         leapfrog: swap the roles of the two sequences on odd steps (paper default on).
-        precision: ``"float64"`` (default) keeps the two sequences in float64 whatever the
-            input dtype (see the module doc); ``"input"`` computes in the input's dtype.
+        precision: ``"double-double"`` (default) keeps the two sequences as double-float64
+            pairs whatever the input dtype, ``"float64"`` in float64 (see the module
+            doc); ``"input"`` computes in the input's dtype.
 
     Per-step use (for editing code): :meth:`step` and :meth:`inverse_step` take and return
-    the pair ``(x, y)``; ``i`` is the step's index from the noisy end of the grid.
+    the pair ``(x, y)`` (tensors, or :class:`~.compensated.Pair` states); ``i`` is the
+    step's index from the noisy end of the grid.
 
     Example:
         >>> import torch
@@ -91,14 +100,14 @@ class EDICT(Inverter):
         >>> x = gmm.sample(5, torch.Generator().manual_seed(1))
         >>> inv = invert(gmm, x, 20, "edict", p=0.93)
         >>> sorted(inv.aux), inv.nfe
-        (['input_dtype', 'y'], 40)
+        (['input_dtype', 'latent_lo', 'y', 'y_lo'], 40)
         >>> float((reconstruct(gmm, inv) - x).abs().max()) < 1e-9
         True
     """
 
     p: float = 0.93
     leapfrog: bool = True
-    precision: str = "float64"
+    precision: str = "double-double"
 
     name = "edict"
     citation = (
@@ -125,47 +134,49 @@ class EDICT(Inverter):
     def step(
         self,
         model: Any,
-        x: Tensor,
-        y: Tensor,
+        x: Pair | Tensor,
+        y: Pair | Tensor,
         t: Tensor,
         t_next: Tensor,
         i: int = 0,
         *,
         cond: Any = None,
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Any, Any]:
         """One sampling step ``t -> t_next`` of the pair: returns ``(x', y')``.
 
         ``model`` is a denoiser (with ``cond``) or a bound model; ``i`` the step index.
         """
         bound = bind(model, cond)
         A, B = _coefficients(bound, t, t_next)
+        p, q = self.p, 1 - self.p
         u, v = (y, x) if self._swap(i) else (x, y)
-        u = A * u + B * noise_at(bound, v, t)
-        v = A * v + B * noise_at(bound, u, t)
-        u = self.p * u + (1 - self.p) * v
-        v = self.p * v + (1 - self.p) * u
+        u = lincomb((A, u), (B, noise_at(bound, hi(v), t)))
+        v = lincomb((A, v), (B, noise_at(bound, hi(u), t)))
+        u = lincomb((p, u), (q, v))
+        v = lincomb((p, v), (q, u))
         return (v, u) if self._swap(i) else (u, v)
 
     def inverse_step(
         self,
         model: Any,
-        x: Tensor,
-        y: Tensor,
+        x: Pair | Tensor,
+        y: Pair | Tensor,
         t: Tensor,
         t_next: Tensor,
         i: int = 0,
         *,
         cond: Any = None,
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Any, Any]:
         """The exact inverse of :meth:`step`: the pair at ``t`` from the pair ``(x, y)``
         at ``t_next`` (same ``t``, ``t_next``, ``i`` as the step it undoes)."""
         bound = bind(model, cond)
         A, B = _coefficients(bound, t, t_next)
+        p, q = self.p, 1 - self.p
         u, v = (y, x) if self._swap(i) else (x, y)
-        v = (v - (1 - self.p) * u) / self.p
-        u = (u - (1 - self.p) * v) / self.p
-        v = (v - B * noise_at(bound, u, t)) / A
-        u = (u - B * noise_at(bound, v, t)) / A
+        v = divide(lincomb((1.0, v), (-q, u)), p)
+        u = divide(lincomb((1.0, u), (-q, v)), p)
+        v = divide(lincomb((1.0, v), (-B, noise_at(bound, hi(u), t))), A)
+        u = divide(lincomb((1.0, u), (-B, noise_at(bound, hi(v), t))), A)
         return (v, u) if self._swap(i) else (u, v)
 
     def invert(
@@ -197,8 +208,8 @@ class EDICT(Inverter):
         finally:
             if bar is not None:
                 bar.close()
-        aux = {"y": y, "input_dtype": input_dtype}
-        return Inversion(latent=x, grid=grid, method=self, cond=cond, aux=aux, nfe=bound.nfe)
+        aux = {**state_parts(x, "latent"), **state_parts(y, "y"), "input_dtype": input_dtype}
+        return Inversion(latent=hi(x), grid=grid, method=self, cond=cond, aux=aux, nfe=bound.nfe)
 
     def reconstruct(
         self,
@@ -215,8 +226,9 @@ class EDICT(Inverter):
         bound = BoundModel(model, cond, grid)
         times = grid.unbind()
         n = len(times) - 1
-        x = to_state(inversion.latent, self.precision)
-        y = inversion.aux["y"].to(x)
+        aux = inversion.aux
+        x = to_state(inversion.latent, self.precision, aux.get("latent_lo"))
+        y = to_state(aux["y"].to(inversion.latent), self.precision, aux.get("y_lo"))
         bar = progress_bar(progress, n, "edict")
         try:
             for i in range(n):

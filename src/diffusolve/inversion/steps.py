@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..solvers.base import BoundModel
+from .compensated import Pair, hi
 
 __all__ = ["ddim_move", "eps_from", "eps_move", "bind", "noise_at", "progress_bar", "step_info"]
 
@@ -74,8 +75,8 @@ def step_info(i: int, t: Tensor, t_next: Tensor, x: Tensor, x_next: Tensor) -> d
     return {"i": i, "t": t, "t_next": t_next, "x": x, "x_next": x_next}
 
 
-#: where an exact scheme keeps its state: float64 whatever the input, or the input's dtype
-PRECISIONS = ("float64", "input")
+#: where an exact scheme keeps its state: a double-float64 pair, float64, or the input's dtype
+PRECISIONS = ("double-double", "float64", "input")
 
 
 def check_precision(precision: str) -> None:
@@ -84,16 +85,28 @@ def check_precision(precision: str) -> None:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 
-def to_state(x: Tensor, precision: str) -> Tensor:
-    """``x`` in the dtype an exact scheme computes its state in (see :data:`PRECISIONS`).
+def to_state(x: Tensor, precision: str, lo: Tensor | None = None) -> Pair | Tensor:
+    """``x`` in the form an exact scheme computes its state in (see :data:`PRECISIONS`).
 
     Rounding errors of an exact round trip grow with the steps and the guidance (they ride
     on EDICT's drift between its sequences, and accumulate in BDIA's and BELM's two-state
-    recursions), so exact schemes keep their state in float64 by default; the network runs
-    in its own dtype (the adapters cast its input and output)."""
-    import torch
-
+    recursions), so exact schemes keep their state as a double-float64
+    :class:`~.compensated.Pair` by default (``lo``: its stored low part, if any), or in
+    float64; the network runs in its own dtype (the adapters cast its input and output)."""
+    if precision == "double-double":
+        return Pair.of(x, lo)
     return x.to(torch.float64) if precision == "float64" else x
+
+
+def state_parts(x: Pair | Tensor, name: str) -> dict[str, Tensor]:
+    """An inversion's aux entries for a state: ``{name: hi}`` plus ``{name_lo: lo}`` for a
+    pair (``name`` ``"latent"`` gives only the low part; the latent is stored apart)."""
+    if isinstance(x, Pair):
+        parts = {f"{name}_lo": x.lo}
+        if name != "latent":
+            parts[name] = x.hi
+        return parts
+    return {} if name == "latent" else {name: x}
 
 
 def dtype_name(x: Tensor) -> str:
@@ -101,9 +114,8 @@ def dtype_name(x: Tensor) -> str:
     return str(x.dtype).removeprefix("torch.")
 
 
-def from_state(x: Tensor, input_dtype: str | None) -> Tensor:
+def from_state(x: Pair | Tensor, input_dtype: str | None) -> Tensor:
     """A reconstruction in the dtype of the inverted input (``input_dtype`` from aux)."""
-    import torch
-
+    x = hi(x)
     dtype = getattr(torch, str(input_dtype), None) if input_dtype else None
     return x.to(dtype) if isinstance(dtype, torch.dtype) else x
