@@ -36,6 +36,7 @@ LAYERS = {
     "sample_cli": 7,
     "restore_cli": 7,
     "invert_cli": 7,
+    "search_cli": 7,
     "cli": 7,
     "__main__": 7,
     "__init__": 7,

@@ -150,6 +150,10 @@ def build_parser(*, bench: bool = True) -> argparse.ArgumentParser:
 
     add_invert(sub)
 
+    from .search_cli import add_parser as add_search
+
+    add_search(sub)
+
     p = sub.add_parser("demo", help="the main job: a tour of the library on the bundled model")
     p.add_argument("--out", default="diffusolve-demo", help="output folder")
     p.add_argument("--quick", action="store_true", help="fewer samples (for tests)")

@@ -1,7 +1,26 @@
 """Solver-schedule search: the per-step decision solver (USF), searched schedules and the
 searches that find them (evolution over timesteps and decisions, finite-difference
-refinement of the timesteps), scored by an honest proxy."""
+refinement of the continuous parameters), scored by an honest proxy.
 
+Example:
+    >>> from diffusolve.solvers.search import USF, Decision, Schedule, Proxy, search
+    >>> USF(decisions=(Decision("data", 1), Decision("noise", 2, 2))).order
+    1
+"""
+
+from .evolve import Candidate, GridParam, Proxy, SearchResult, search, usf_presets
+from .schedule import ProcessSpec, Schedule
 from .usf import USF, Decision
 
-__all__ = ["USF", "Decision"]
+__all__ = [
+    "USF",
+    "Decision",
+    "Schedule",
+    "ProcessSpec",
+    "Proxy",
+    "GridParam",
+    "Candidate",
+    "SearchResult",
+    "search",
+    "usf_presets",
+]

@@ -14,7 +14,11 @@ S3): each step ``t_i -> t_{i+1}`` chooses
   one). The last grid step is never corrected: that would need one more evaluation;
   ``final="denoise"`` / ``"zero"`` evaluate the model at the predicted point;
 * ``variant``: UniPC's ``B(h)`` (``"bh1"``: ``h``, ``"bh2"``: ``expm1(h)``), which sets the
-  weights of the finite differences.
+  weights of the finite differences;
+* ``scale``: USF's relaxation coefficient, a factor on the predictor's finite-difference
+  (derivative) terms (1: the plain estimate). Any other value makes the step first order
+  in the asymptotic sense; at a handful of steps a searched scale can still cut the error
+  (the steps are far from the asymptotic regime).
 
 The coefficients come from the shared parts (:class:`~diffusolve.solvers.expint.ExpStep`
 and :func:`~diffusolve.solvers.unipc.unipc_weights`). A corrector runs in the prediction and
@@ -58,19 +62,24 @@ class Decision:
 
     Example:
         >>> Decision("data", 2, 2, "bh2").to_dict()
-        {'prediction': 'data', 'order': 2, 'corrector': 2, 'variant': 'bh2'}
+        {'prediction': 'data', 'order': 2, 'corrector': 2, 'variant': 'bh2', 'scale': 1.0}
     """
 
     prediction: str = "data"
     order: int = 2
     corrector: int = 0
     variant: str = "bh2"
+    scale: float = 1.0
 
     def __post_init__(self) -> None:
         check_choice("prediction", self.prediction, PREDICTIONS)
         check_choice("order", self.order, ORDERS)
         check_choice("corrector", self.corrector, CORRECTORS)
         check_choice("variant", self.variant, VARIANTS)
+        if isinstance(self.scale, bool) or not isinstance(self.scale, int | float):
+            raise ValueError(f"scale must be a finite number, got {self.scale!r}")
+        if not math.isfinite(self.scale):
+            raise ValueError(f"scale must be a finite number, got {self.scale!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (``Decision(**d.to_dict()) == d``)."""
@@ -79,13 +88,17 @@ class Decision:
             "order": self.order,
             "corrector": self.corrector,
             "variant": self.variant,
+            "scale": float(self.scale),
         }
 
     @property
     def local_order(self) -> int:
         """The global order this step supports: ``order``, plus one with a corrector of at
         least that order (UniC-``c`` has local error ``O(h^{c+2})``, and the predicted
-        output it uses adds ``O(h^{order+2})``)."""
+        output it uses adds ``O(h^{order+2})``); 1 when a relaxed derivative
+        (``scale != 1``) enters the step."""
+        if self.scale != 1.0 and self.order > 1:
+            return 1
         return self.order if self.corrector == 0 else min(self.order + 1, self.corrector + 1)
 
 
@@ -220,8 +233,9 @@ class USF(Solver):
         b_h_f = float(b_h)
         rho = (rho_p if m_new is None else rho_c).tolist()
         out = f.ratio * x_s - (fac * math.expm1(hh)) * m0
+        scale = d.scale if m_new is None else 1.0
         for k, (m_k, r_k) in enumerate(past):
-            out = out - (fac * b_h_f * rho[k] / r_k) * (m_k - m0)
+            out = out - (scale * fac * b_h_f * rho[k] / r_k) * (m_k - m0)
         if m_new is not None:
             out = out - (fac * b_h_f * rho[-1]) * (m_new - m0)
         return out
@@ -249,5 +263,5 @@ class USF(Solver):
         q = min(d.order, len(hist))
         x_next = self._update(model, x, t, t_next, hist, q, d, None)
         c = min(d.corrector, len(hist))
-        pending = Decision(d.prediction, d.order, c, d.variant) if c > 0 else None
+        pending = Decision(d.prediction, d.order, c, d.variant, d.scale) if c > 0 else None
         return x_next, USFState(hist, x, t, pending)

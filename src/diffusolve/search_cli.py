@@ -1,0 +1,246 @@
+"""``diffusolve search``: search a solver schedule for a model at an NFE budget.
+
+``--model`` is an analytic bench task (``gmm-d64-vp``, ``gmm-d2-rf``, ... from
+:data:`diffusolve.bench.tasks.TASKS`) or ``digits`` (the bundled UNet, unconditional, as the
+bench's ``digits-unet`` task runs it).
+
+What the search sees and what is reported are kept apart:
+
+* analytic tasks: the proxy's calibration sets are ``--calib-priors`` mixtures of the task's
+  kind drawn with seeds ``1000 + i`` (starts from seeds ``2000 + i``), each against its exact
+  probability-flow endpoint. The held-out figures are the bench's own task (prior seed 0,
+  starts from seed 1, the starts ``diffusolve bench samplers`` uses) and a second prior
+  (seed 1, starts from seed 2), both against their exact endpoints.
+* ``digits``: calibration starts from seed 5000 against a ``--ref-steps``-step
+  ``dpmpp_3m`` solve (final denoise at ``t_min``, the bench's convention), computed once and
+  cached (``--cache``); held out: the bench's ``digits-unet`` starts (seed 1) against its
+  1000-step reference (also cached).
+
+It prints the proxy before (the best starting schedule: standard grids and, for ``--usf``,
+the UniPC / DPM-Solver++ decision presets) and after, and the held-out errors of both, and
+writes the searched schedule (JSON, :class:`diffusolve.solvers.search.Schedule`).
+No heavy imports at module level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_parser", "run_search"]
+
+#: the bundled model the search knows besides the analytic bench tasks
+NETWORK_MODELS = ("digits", "digits-unet")
+CALIB_PRIOR_SEED, CALIB_NOISE_SEED, NETWORK_CALIB_SEED = 1000, 2000, 5000
+HELDOUT_PRIOR_SEEDS = (0, 1)
+BENCH_REFERENCE_STEPS = 1000
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "search",
+        help="search a solver schedule (timesteps, per-step decisions) at an NFE budget",
+        description=(
+            "Search the timesteps of a solver (--solver) or timesteps and per-step USF "
+            "decisions (--usf, default) on calibration data, then report the error on "
+            "held-out noise and priors. Writes the schedule as JSON."
+        ),
+    )
+    p.add_argument("--model", required=True, help="a bench task (gmm-d64-vp, ...) or digits")
+    p.add_argument("--nfe", type=int, default=5, help="model evaluations (default 5)")
+    p.add_argument("--budget", type=int, default=400, help="proxy evaluations (default 400)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--solver", help="search this deterministic solver's timesteps only")
+    how.add_argument(
+        "--usf", action="store_true", help="search timesteps and per-step decisions (default)"
+    )
+    p.add_argument("--out", required=True, help="the schedule file to write (.json)")
+    p.add_argument("--log", help="JSONL log of every evaluated candidate")
+    p.add_argument("--resume", action="store_true", help="continue the search in --log")
+    p.add_argument("--force", action="store_true", help="overwrite --out")
+    p.add_argument("--seed", type=int, default=0, help="the search's seed (default 0)")
+    p.add_argument(
+        "--calib-priors", type=int, default=8, help="calibration mixtures (analytic tasks)"
+    )
+    p.add_argument("--calib-samples", type=int, default=64, help="starts per calibration set")
+    p.add_argument(
+        "--heldout-samples", type=int, default=512, help="starts per held-out set (bench: 512)"
+    )
+    p.add_argument(
+        "--ref-steps", type=int, default=250, help="steps of the digits calibration reference"
+    )
+    p.add_argument("--cache", help="folder for cached network references")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=run_search)
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    from .bench.tasks import TASKS
+    from .solvers.search.schedule import FORMAT  # noqa: F401  (fails early if missing)
+
+    analytic = [k for k, v in TASKS.items() if v["prior"] in ("gmm", "gaussian")]
+    if args.model not in analytic and args.model not in NETWORK_MODELS:
+        raise ValueError(
+            f"unknown --model {args.model!r}; choose a bench task ({', '.join(analytic)}) or digits"
+        )
+    if args.nfe < 2:
+        raise ValueError(f"--nfe must be at least 2, got {args.nfe}")
+    if args.budget < 1:
+        raise ValueError(f"--budget must be at least 1, got {args.budget}")
+    for flag in ("calib_priors", "calib_samples", "heldout_samples", "ref_steps"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
+    out = Path(args.out)
+    if out.suffix.lower() != ".json":
+        raise ValueError(f"--out {out} must be a .json file")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file name such as {out / 'sch.json'}")
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} exists; pass --force to overwrite it or choose another --out")
+    if args.resume and not args.log:
+        raise ValueError("--resume needs --log (the log to continue)")
+    if args.log and Path(args.log).exists() and Path(args.log).stat().st_size and not args.resume:
+        raise FileExistsError(f"{args.log} exists; pass --resume to continue it")
+    if args.solver:
+        from .solvers import get_solver
+
+        s = get_solver(args.solver)
+        if s.stochastic:
+            raise ValueError(f"--solver {args.solver} is stochastic; choose a deterministic one")
+        from .solvers import steps_for_nfe
+
+        steps_for_nfe(s, args.nfe, "denoise")
+
+
+def _analytic_sets(name: str, seeds: list[tuple[int, int]], n: int) -> list[Any]:
+    import torch
+
+    from .bench.tasks import TASKS, prior_for
+    from .models.analytic.reference import gaussian_endpoint_zero
+
+    out = []
+    for prior_seed, noise_seed in seeds:
+        model = prior_for(name, prior_seed)
+        p = model.process
+        d = int(TASKS[name]["dim"])
+        g = torch.Generator().manual_seed(noise_seed)
+        x = p.prior_sample((n, d), g, dtype=torch.float64)
+        if TASKS[name]["prior"] == "gaussian":
+            ref = gaussian_endpoint_zero(model, x, p.t_max)
+        else:
+            ref = model.reference_zero(x, p.t_max)
+        out.append((model, x, ref))
+    return out
+
+
+def _cache_dir(args: argparse.Namespace) -> Path:
+    if args.cache:
+        return Path(args.cache)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "diffusolve" / "search"
+
+
+def _network_reference(model: Any, x: Any, steps: int, cache: Path) -> Any:
+    """A ``steps``-step dpmpp_3m solve on a logSNR grid with a final denoise, cached by
+    the starts, the step count and the network's weights."""
+    import torch
+
+    from .process import make_grid
+    from .solvers import sample
+
+    h = hashlib.sha1(x.detach().cpu().contiguous().numpy().tobytes())
+    h.update(f"dpmpp_3m/{steps}/logsnr/denoise/{model.process.name}".encode())
+    for t in model.state_dict().values() if hasattr(model, "state_dict") else ():
+        h.update(t.detach().cpu().contiguous().float().numpy().tobytes())
+    path = cache / f"ref-{h.hexdigest()[:20]}.pt"
+    if path.exists():
+        return torch.load(path)
+    with torch.no_grad():
+        ref = sample(model, x, make_grid(model.process, steps, "logsnr"), "dpmpp_3m")
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save(ref, path)
+    return ref
+
+
+def _network_sets(args: argparse.Namespace) -> tuple[list[Any], list[Any], str]:
+    import torch
+
+    from .bench.tasks import N_SAMPLES_NETWORK
+    from .models import load
+
+    model = load("digits", dtype=torch.float32)
+    p = model.process
+    cache = _cache_dir(args)
+
+    def starts(seed: int, n: int) -> Any:
+        g = torch.Generator().manual_seed(seed)
+        return p.prior_sample((n, 1, 16, 16), g, dtype=torch.float64)
+
+    xc = starts(NETWORK_CALIB_SEED, args.calib_samples)
+    cal = [(model, xc, _network_reference(model, xc, args.ref_steps, cache))]
+    xh = starts(1, min(args.heldout_samples, N_SAMPLES_NETWORK))
+    held = [(model, xh, _network_reference(model, xh, BENCH_REFERENCE_STEPS, cache))]
+    what = (
+        f"digits: calibration {args.calib_samples} starts (seed {NETWORK_CALIB_SEED}) against "
+        f"a {args.ref_steps}-step dpmpp_3m solve; held out: the bench's digits-unet starts "
+        f"({xh.shape[0]}, seed 1) against its {BENCH_REFERENCE_STEPS}-step reference"
+    )
+    return cal, held, what
+
+
+def run_search(args: argparse.Namespace) -> int:
+    _check_args(args)
+    from .solvers.search import Proxy, search
+
+    start = time.perf_counter()
+    if args.model in NETWORK_MODELS:
+        cal, held, what = _network_sets(args)
+    else:
+        seeds = [(CALIB_PRIOR_SEED + i, CALIB_NOISE_SEED + i) for i in range(args.calib_priors)]
+        cal = _analytic_sets(args.model, seeds, args.calib_samples)
+        held = _analytic_sets(
+            args.model, [(s, s + 1) for s in HELDOUT_PRIOR_SEEDS], args.heldout_samples
+        )
+        what = (
+            f"{args.model}: calibration priors seeds {seeds[0][0]}..{seeds[-1][0]} "
+            f"({args.calib_samples} starts each); held out: prior seed 0 with the bench's "
+            f"starts (seed 1) and prior seed 1 (starts seed 2), {args.heldout_samples} each"
+        )
+    print(what, file=sys.stderr)
+    proxy = Proxy(cal)
+    res = search(
+        proxy,
+        args.nfe,
+        solver=args.solver,
+        budget=args.budget,
+        seed=args.seed,
+        log=args.log,
+        resume=args.resume,
+        progress=False if args.no_progress else None,
+        info={"model": args.model, "data": what},
+    )
+    rows = []
+    for label, sch in (("start", res.start), ("searched", res.schedule)):
+        errs = [Proxy([s]).schedule_error(sch) for s in held]
+        rows.append((label, sch, errs))
+    sch = res.schedule
+    sch.info["heldout"] = rows[1][2]
+    sch.info["heldout_start"] = rows[0][2]
+    sch.info["start"] = res.start.to_dict()
+    sch.save(args.out, force=args.force)
+    names = "  ".join(f"held-out {i}" for i in range(len(held)))
+    print(f"{'':9s}  proxy      {names}")
+    for (label, s, errs), value in zip(rows, (res.proxy_before, res.proxy_after), strict=True):
+        cols = "  ".join(f"{e:.4e}" for e in errs)
+        print(f"{label:9s}  {value:.4e} {cols}   {s.describe()}")
+    print(
+        f"{res.evaluations} proxy evaluations ({res.fresh} new) in "
+        f"{time.perf_counter() - start:.1f} s; schedule written to {args.out}"
+    )
+    return 0
