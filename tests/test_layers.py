@@ -1,10 +1,10 @@
 """The import graph: imports point down the layers, and no package imports itself in a cycle.
 
-Layers (docs/architecture.md): process < models < solvers < guidance/inverse < inversion <
-edit < bench/train < the package top (``diffusolve.load``, the CLI, the demo). ``metrics``,
-``images`` and the ``_paths`` helpers import no other diffusolve module, so any layer may
-use them. Every import counts, including the ones inside functions (lazy imports are still
-dependencies).
+Layers (docs/architecture.md): process < models < solvers < guidance/inverse/sampling <
+inversion < edit < bench/train < the package top (``diffusolve.load``, the CLI, the demo).
+``metrics``, ``images`` and the ``_paths`` helpers import no other diffusolve module, so any
+layer may use them. Every import counts, including the ones inside functions (lazy imports
+are still dependencies).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ LAYERS = {
     "solvers": 2,
     "guidance": 3,
     "inverse": 3,
+    "sampling": 3,
     "inversion": 4,
     "edit": 5,
     "bench": 6,
@@ -35,6 +36,7 @@ LAYERS = {
     "demo": 7,
     "sample_cli": 7,
     "restore_cli": 7,
+    "boundary_cli": 7,
     "invert_cli": 7,
     "search_cli": 7,
     "cli": 7,

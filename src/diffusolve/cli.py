@@ -146,6 +146,10 @@ def build_parser(*, bench: bool = True) -> argparse.ArgumentParser:
 
     add_restore(sub).set_defaults(func=_cmd_restore)
 
+    from .boundary_cli import add_parser as add_boundary
+
+    add_boundary(sub)
+
     from .invert_cli import add_parsers as add_invert
 
     add_invert(sub)

@@ -266,7 +266,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="'digits' (bundled) or a local diffusers folder, e.g. from `diffusolve train digits`",
     )
     p.add_argument("--task", default="inpaint-box", help="task name (see --list)")
-    p.add_argument("--method", default="pigdm", help="posterior sampler (see --list)")
+    p.add_argument("--method", default=None, help="posterior sampler (see --list; default pigdm)")
     p.add_argument(
         "--input",
         default=None,
@@ -299,7 +299,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default=0,
         help="seed of the task's random parts (random-pixel mask, sensing matrix; default 0)",
     )
-    p.add_argument("--steps", type=int, default=100, help="sampler steps (default 100)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default 100)")
+    p.add_argument(
+        "--boundary",
+        default=None,
+        metavar="FILE",
+        help="restore from the shared starting state searched by `diffusolve boundary` "
+        "(its sampler, options and steps come from FILE; deterministic, one sample)",
+    )
     p.add_argument(
         "--option",
         action="append",
@@ -340,6 +347,26 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    if args.boundary is not None:
+        given = [
+            f
+            for f, v in (
+                ("--method", args.method),
+                ("--steps", args.steps),
+                ("--option", args.option),
+            )
+            if v is not None
+        ]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} cannot be combined with --boundary: the sampler, its "
+                "options and steps come from the boundary file"
+            )
+        if args.samples != 1:
+            raise ValueError("--boundary restores deterministically: --samples must be 1")
+        return
+    args.method = "pigdm" if args.method is None else args.method
+    args.steps = 100 if args.steps is None else args.steps
     if args.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
     if args.samples < 1:
@@ -390,7 +417,14 @@ def run_restore(args: argparse.Namespace) -> int:
     meas_out = _save_measurement_path(args)
     if meas_out is not None and meas_out.resolve() == out.resolve():
         raise ValueError("--save-measurement and --out name the same file")
-    sampler = _sampler(args.method, args.option)
+    boundary = None
+    if args.boundary is not None:
+        from .inverse.boundary import Boundary
+
+        boundary = Boundary.load(args.boundary)
+        sampler, args.steps = boundary.sampler(), boundary.steps
+    else:
+        sampler = _sampler(args.method, args.option)
     if args.task not in IMAGE_TASKS:
         raise ValueError(
             f"unknown task {args.task!r}; choose from {', '.join(sorted(IMAGE_TASKS))}"
@@ -431,6 +465,19 @@ def run_restore(args: argparse.Namespace) -> int:
     ys = y.to(dtype).expand(n, *y.shape[1:]).contiguous()
     stats: dict[str, Any] = {}
     t1 = time.perf_counter()
+    start = None
+    if boundary is not None:
+        if tuple(boundary.x_T.shape) != tuple(shape):
+            raise ValueError(
+                f"--boundary {args.boundary}: its starting state has shape "
+                f"{tuple(boundary.x_T.shape)}, the model's samples {tuple(shape)}"
+            )
+        if boundary.process != str(getattr(model.process, "name", "")):
+            raise ValueError(
+                f"--boundary {args.boundary} was searched on process {boundary.process!r}, "
+                f"the model's is {getattr(model.process, 'name', '?')!r}"
+            )
+        start = boundary.start(n).to(dtype)
     with torch.no_grad():
         restored = sampler.run(
             model,
@@ -438,6 +485,7 @@ def run_restore(args: argparse.Namespace) -> int:
             ys,
             args.sigma_y,
             steps=args.steps,
+            x=start,
             noise=list(range(args.seed + 1, args.seed + 1 + n)),
             dtype=dtype,
             progress=not args.no_progress and sys.stderr.isatty(),
