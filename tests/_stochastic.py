@@ -34,7 +34,8 @@ STOCHASTIC_OPTIONS: list[tuple[str, dict[str, Any]]] = [
 #: DDPM / DDIM-eta / Euler-churn 0.93-1.00, Heun-churn 1.93-2.00 (churn adds noise exactly,
 #: the ODE step is Heun's), SDE-DPM-Solver++(2M) 1.99-2.00 (linear drift and additive noise
 #: on a Gaussian prior; weak order 1 is all one expects for a general denoiser),
-#: DPM-Solver++(2S) ancestral 1.97-1.99 at eta = 1, 1.96-1.98 at eta = 0.5 (same reason).
+#: DPM-Solver++(2S) ancestral 1.97-1.99 at eta = 1, 1.96-1.98 at eta = 0.5 (same reason),
+#: the stochastic-interpolant SDE (default sbdm eps = 1, Euler drift) 0.96-1.00.
 WEAK_ORDER_GAUSSIAN: dict[str, int] = {
     "ddpm": 1,
     "ddim": 1,
@@ -42,6 +43,7 @@ WEAK_ORDER_GAUSSIAN: dict[str, int] = {
     "heun": 2,
     "sde_dpmpp_2m": 2,
     "dpmpp_2s_ancestral": 2,
+    "si_sde": 1,
 }
 
 #: samplers that are exact at any number of steps when the model is a consistency function
