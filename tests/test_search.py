@@ -264,3 +264,43 @@ def test_cli_search_writes_a_schedule(tmp_path, capsys):
     assert "unknown --model 'nope'" in capsys.readouterr().err
     assert main(["search", "--model", "gmm-d2-rf", "--out", str(tmp_path / "x.txt")]) == 2
     assert ".json" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- shipped
+def _shipped_model(task):
+    if task == "digits":
+        from diffusolve.models import load
+
+        return load("digits", dtype=torch.float32), (2, 1, 16, 16)
+    from diffusolve.bench.tasks import TASKS, prior_for
+
+    return prior_for(task, 0), (3, int(TASKS[task]["dim"]))
+
+
+def test_shipped_schedules_load_and_run():
+    import re
+
+    from diffusolve.solvers.search import list_shipped, load_shipped
+
+    names = list_shipped()
+    assert names, "no shipped schedules"
+    models = {}
+    for name in names:
+        m = re.fullmatch(r"(.+)-nfe(\d+)-([a-z0-9_]+)", name)
+        assert m, f"{name}: not <task>-nfe<N>-<what>"
+        task, nfe, what = m.group(1), int(m.group(2)), m.group(3)
+        sch = load_shipped(name)
+        assert sch.nfe == nfe, name
+        assert sch.solver.startswith(what) or (what == "usf" and sch.solver == "usf"), name
+        if task not in models:
+            models[task] = _shipped_model(task)
+        model, shape = models[task]
+        sch.check_process(model.process)
+        x = model.process.prior_sample(shape, torch.Generator().manual_seed(0), dtype=F64)
+        stats = {}
+        with torch.no_grad():
+            out = sch.sample(model, x, stats=stats)
+        assert stats["nfe"] == nfe, name
+        assert out.shape == x.shape and bool(torch.isfinite(out).all()), name
+    with pytest.raises(ValueError, match="no shipped schedule"):
+        load_shipped("no-such-schedule")

@@ -10,6 +10,7 @@ Example:
 
 from .evolve import Candidate, GridParam, Proxy, SearchResult, search, usf_presets
 from .schedule import ProcessSpec, Schedule
+from .shipped import list_shipped, load_shipped, shipped_path
 from .usf import USF, Decision
 
 __all__ = [
@@ -23,4 +24,7 @@ __all__ = [
     "SearchResult",
     "search",
     "usf_presets",
+    "list_shipped",
+    "load_shipped",
+    "shipped_path",
 ]
