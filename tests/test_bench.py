@@ -36,6 +36,7 @@ def test_tiny_run_writes_valid_json(tmp_path):
         [
             "samplers", "--tasks", "gauss-d2-vp,gauss-d2-rf", "--nfe", "5", "--n-samples", "16",
             "--methods", "ddim,euler", "--schedulers", "DDIM,FlowMatchEuler",
+            "--schedules", "none",
             "--json", str(path), "--out", str(tmp_path / "out"), "--no-progress",
         ]
     )  # fmt: skip
@@ -122,7 +123,8 @@ def test_summary_ratio():
     assert s[0]["ours_method"] == "b" and s[0]["diffusers_method"] == "X"
     assert s[0]["ratio"] == pytest.approx(0.5)
     assert s[1]["ratio"] is None and s[1]["diffusers_method"] is None
-    assert "| t | 5 | b | 5.00e-02 | X | 1.00e-01 | 0.5 |" in summary_table(s)
+    assert "| t | 5 | b | 5.00e-02 | X | 1.00e-01 | 0.5 | b | 5.00e-02 | 0.5 |" in summary_table(s)
+    assert s[0]["fixed_method"] == "b" and s[0]["searched_method"] is None
 
 
 def test_bench_picks_best_setting_and_highlights(task_vp):

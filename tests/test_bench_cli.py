@@ -40,6 +40,9 @@ def _one_line_error(rc, err: str, *words: str) -> None:
         (["--methods", "nope"], ["--methods", "'nope'", "ddim"]),
         (["--schedulers", "Nope"], ["--schedulers", "'Nope'", "UniPC"]),
         (["--resume", "--force"], ["--resume", "--force"]),
+        (["--schedules", "no-such-schedule"], ["--schedules", "'no-such-schedule'"]),
+        (["--schedules", "missing.json"], ["--schedules", "missing.json"]),
+        (["--fd-samples", "-1"], ["--fd-samples", "-1"]),
     ],
 )
 def test_samplers_bad_arguments_are_one_line(capsys, tmp_path, argv, words):

@@ -6,11 +6,27 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["summarize", "markdown_tables", "summary_table", "plot_errors", "fmt", "family"]
+__all__ = [
+    "summarize",
+    "moonshot",
+    "markdown_tables",
+    "summary_table",
+    "moonshot_table",
+    "fd_summary_table",
+    "searched_table",
+    "fd_table",
+    "plot_errors",
+    "fmt",
+    "family",
+    "is_searched",
+    "counts",
+]
 
 LIBRARIES = ("diffusolve", "diffusers")
 #: mark of a diverged result (output far larger than the reference: a blow-up)
 DIVERGED_MARK = "†"
+#: mark of a searched schedule whose search saw this bench's data (or whose data is unknown)
+NOT_HELDOUT_MARK = "‡"
 #: plot panels: (title, name prefixes, lower-cased) -- both libraries' methods of a family
 FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
@@ -21,6 +37,7 @@ FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("UniPC", ("unipc",)),
     ("DEIS", ("deis",)),
     ("pseudo linear multistep (PNDM, PLMS, iPNDM)", ("pndm", "plms", "ipndm")),
+    ("searched schedules (fixed NFE)", ("searched:",)),
 )
 
 
@@ -29,15 +46,38 @@ def fmt(v: float | None, digits: int = 2) -> str:
     return "--" if v is None else f"{v:.{digits}e}"
 
 
-def _best(records: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
-    ok = [r for r in records if r.get("rel_error") is not None and not r.get("diverged")]
-    return min(ok, key=lambda r: r["rel_error"]) if ok else None
+def is_searched(r: dict[str, Any]) -> bool:
+    """Whether a record is a searched schedule's (it carries a ``searched`` dict)."""
+    return bool(r.get("searched"))
+
+
+def counts(r: dict[str, Any]) -> bool:
+    """Whether a record may be a library's best: not a searched schedule whose search saw
+    this bench's data or whose held-out status is unknown."""
+    return not is_searched(r) or r["searched"].get("heldout") is True
+
+
+def _best(records: Iterable[dict[str, Any]], key: str = "rel_error") -> dict[str, Any] | None:
+    ok = [r for r in records if r.get(key) is not None and not r.get("diverged") and counts(r)]
+    return min(ok, key=lambda r: r[key]) if ok else None
+
+
+def _ratio(a: dict[str, Any] | None, b: dict[str, Any] | None, key: str = "rel_error"):
+    if a is None or b is None or not b[key] > 0:
+        return None
+    return a[key] / b[key]
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per task and NFE: our best rel_error, diffusers' best, and ``ratio = ours / diffusers``.
 
-    Diverged results (``diverged`` true) are never a library's best.
+    Diverged results (``diverged`` true) are never a library's best, nor is a searched
+    schedule that was not held out (:func:`counts`). Besides our best over everything
+    (``ours_*``, searched schedules included) each row has our best fixed-schedule solver
+    (``fixed_*``, searched schedules left out; ``fixed_ratio = fixed / diffusers``), the
+    best searched schedule (``searched_*``, with ``searched_cost``) and, where records carry
+    FD-digits, the best searched schedule's FD next to the best fixed-schedule method's of
+    either library (``fd_*``; ``fd_ratio = searched / fixed``).
 
     Example:
         >>> recs = [dict(library="diffusolve", method="a", task="t", nfe=5, rel_error=0.1),
@@ -52,20 +92,70 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         rows = [r for r in records if r["task"] == task and r["nfe"] == nfe]
         ours = _best(r for r in rows if r["library"] == "diffusolve")
         theirs = _best(r for r in rows if r["library"] == "diffusers")
-        ratio = None
-        if ours is not None and theirs is not None and theirs["rel_error"] > 0:
-            ratio = ours["rel_error"] / theirs["rel_error"]
+        fixed = _best(r for r in rows if r["library"] == "diffusolve" and not is_searched(r))
+        found = _best(r for r in rows if is_searched(r))
+        row = {
+            "task": task,
+            "nfe": nfe,
+            "ours_method": ours["method"] if ours else None,
+            "ours_setting": ours.get("setting") if ours else None,
+            "ours_rel_error": ours["rel_error"] if ours else None,
+            "diffusers_method": theirs["method"] if theirs else None,
+            "diffusers_setting": theirs.get("setting") if theirs else None,
+            "diffusers_rel_error": theirs["rel_error"] if theirs else None,
+            "ratio": _ratio(ours, theirs),
+            "fixed_method": fixed["method"] if fixed else None,
+            "fixed_rel_error": fixed["rel_error"] if fixed else None,
+            "fixed_ratio": _ratio(fixed, theirs),
+            "searched_method": found["method"] if found else None,
+            "searched_rel_error": found["rel_error"] if found else None,
+            "searched_cost": found["searched"].get("cost") if found else None,
+        }
+        if any(r.get("fd_digits") is not None for r in rows):
+            fd_found = _best((r for r in rows if is_searched(r)), "fd_digits")
+            fd_fixed = _best((r for r in rows if not is_searched(r)), "fd_digits")
+            row.update(
+                fd_searched_method=fd_found["method"] if fd_found else None,
+                fd_searched=fd_found["fd_digits"] if fd_found else None,
+                fd_fixed_method=fd_fixed["method"] if fd_fixed else None,
+                fd_fixed_library=fd_fixed["library"] if fd_fixed else None,
+                fd_fixed=fd_fixed["fd_digits"] if fd_fixed else None,
+                fd_ratio=_ratio(fd_found, fd_fixed, "fd_digits"),
+            )
+        out.append(row)
+    return out
+
+
+def moonshot(
+    records: Sequence[dict[str, Any]], low: int = 5, high: int = 10
+) -> list[dict[str, Any]]:
+    """Per task with both NFEs in the records: our best at NFE ``low`` (searched schedules
+    included, held out only) against diffusers' best at NFE ``high``; ``ratio = ours /
+    diffusers`` (< 1: ours at ``low`` evaluations beats diffusers at ``high``).
+
+    Example:
+        >>> recs = [dict(library="diffusolve", method="a", task="t", nfe=5, rel_error=0.1),
+        ...         dict(library="diffusers", method="c", task="t", nfe=10, rel_error=0.2)]
+        >>> moonshot(recs)[0]["ratio"]
+        0.5
+    """
+    out = []
+    for task in dict.fromkeys(r["task"] for r in records):
+        rows = [r for r in records if r["task"] == task]
+        if not ({low, high} <= {r["nfe"] for r in rows}):
+            continue
+        ours = _best(r for r in rows if r["library"] == "diffusolve" and r["nfe"] == low)
+        theirs = _best(r for r in rows if r["library"] == "diffusers" and r["nfe"] == high)
         out.append(
             {
                 "task": task,
-                "nfe": nfe,
+                "ours_nfe": low,
                 "ours_method": ours["method"] if ours else None,
-                "ours_setting": ours.get("setting") if ours else None,
                 "ours_rel_error": ours["rel_error"] if ours else None,
+                "diffusers_nfe": high,
                 "diffusers_method": theirs["method"] if theirs else None,
-                "diffusers_setting": theirs.get("setting") if theirs else None,
                 "diffusers_rel_error": theirs["rel_error"] if theirs else None,
-                "ratio": ratio,
+                "ratio": _ratio(ours, theirs),
             }
         )
     return out
@@ -110,6 +200,8 @@ def markdown_tables(result: dict[str, Any]) -> str:
                         c = f"**{c}**"
                     if r is not None and r.get("diverged"):
                         c = f"{c} {DIVERGED_MARK}"
+                    if r is not None and not counts(r):
+                        c = f"{c} {NOT_HELDOUT_MARK}"
                     cells.append(c)
                 lines.append(f"| {lib} | {method} | " + " | ".join(cells) + " |")
         if any(r.get("diverged") for r in recs):
@@ -118,21 +210,182 @@ def markdown_tables(result: dict[str, Any]) -> str:
                 f"{DIVERGED_MARK} diverged: the output's RMS is far above the reference's (or not "
                 "finite), a blow-up rather than an accuracy; never counted as a best."
             )
+        if any(not counts(r) for r in recs):
+            lines.append("")
+            lines.append(
+                f"{NOT_HELDOUT_MARK} searched schedule whose search saw this bench's data (or "
+                "whose search data is not recorded): not a held-out result; never counted as a "
+                "best."
+            )
+        notes = _searched_notes(recs)
+        if notes:
+            lines += ["", *notes]
+        if any(r.get("fd_digits") is not None for r in recs):
+            lines += ["", fd_table(result, task)]
         lines.append("")
     return "\n".join(lines)
 
 
-def summary_table(summary: Sequence[dict[str, Any]]) -> str:
-    """Markdown: task, NFE, our best, diffusers' best, ratio ours/diffusers."""
+def _cost_text(cost: dict[str, Any] | None) -> str:
+    if not cost:
+        return "search cost not recorded"
+    parts = []
+    for key, unit in (
+        ("proxy_evaluations", "proxy evaluations"),
+        ("model_evaluations", "model evaluations"),
+        ("seconds", "s"),
+    ):
+        v = cost.get(key)
+        if v is not None:
+            parts.append(f"{v:,.0f} {unit}" if key != "seconds" else f"{v:.0f} {unit}")
+    text = ", ".join(parts) or "not recorded"
+    return text + (f" ({cost['note']})" if cost.get("note") else "")
+
+
+def _searched_notes(recs: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per searched method of a task: what was searched, held out or not, cost."""
+    out = []
+    for r in {r["method"]: r for r in recs if is_searched(r)}.values():
+        s = r["searched"]
+        held = {True: "held out", False: "NOT held out", None: "held-out status unknown"}
+        out.append(
+            f"- `{r['method']}`: {s.get('mode') or 'schedule'} search ({s.get('solver')}, "
+            f"final={s.get('final')}) on {s.get('searched_on') or 'unknown data'}; "
+            f"{held[s.get('heldout')]}: {s.get('note')}; search cost: "
+            f"{_cost_text(s.get('cost'))}."
+        )
+    return out
+
+
+def fd_table(result: dict[str, Any], task: str) -> str:
+    """Markdown: FD-digits per method (rows) and NFE (columns) of one task, with its floor."""
+    info = result["tasks"].get(task, {})
+    recs = [r for r in result["records"] if r["task"] == task]
+    nfes = sorted({r["nfe"] for r in recs})
+    n = info.get("fd_samples")
     lines = [
-        "| task | NFE | ours (best) | rel_error | diffusers (best) | rel_error | ours/diffusers |",
-        "|---|---|---|---|---|---|---|",
+        f"FD-digits ({n} samples per method and NFE, unconditional, against the held-out "
+        f"digits; real-vs-real floor at this size {fmt(info.get('fd_floor'), 3)}; lower is "
+        "better; best fixed-schedule and best searched in bold):",
+        "",
+        "| library | method | " + " | ".join(f"NFE {k}" for k in nfes) + " |",
+        "|---|---|" + "---|" * len(nfes),
+    ]
+    best = {}
+    for k in nfes:
+        rows = [r for r in recs if r["nfe"] == k]
+        best[k] = (
+            _best((r for r in rows if not is_searched(r)), "fd_digits"),
+            _best((r for r in rows if is_searched(r)), "fd_digits"),
+        )
+    for lib in LIBRARIES:
+        for method in dict.fromkeys(r["method"] for r in recs if r["library"] == lib):
+            cells = []
+            for k in nfes:
+                r = next(
+                    (
+                        x
+                        for x in recs
+                        if x["library"] == lib and x["method"] == method and x["nfe"] == k
+                    ),
+                    None,
+                )
+                c = "--" if r is None or r.get("fd_digits") is None else f"{r['fd_digits']:.3g}"
+                if r is not None and any(r is b for b in best[k]):
+                    c = f"**{c}**"
+                cells.append(c)
+            lines.append(f"| {lib} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _r(v: float | None) -> str:
+    return "--" if v is None else f"{v:.3g}"
+
+
+def summary_table(summary: Sequence[dict[str, Any]]) -> str:
+    """Markdown: task, NFE, our best (searched schedules included), diffusers' best, ratio
+    ours/diffusers, then our best fixed-schedule solver and its ratio to diffusers'."""
+    lines = [
+        "| task | NFE | ours (best) | rel_error | diffusers (best) | rel_error | ours/diffusers "
+        "| ours fixed-schedule (best) | rel_error | fixed/diffusers |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
-        ratio = "--" if s["ratio"] is None else f"{s['ratio']:.3g}"
         lines.append(
             f"| {s['task']} | {s['nfe']} | {s['ours_method'] or '--'} | {fmt(s['ours_rel_error'])} "
-            f"| {s['diffusers_method'] or '--'} | {fmt(s['diffusers_rel_error'])} | {ratio} |"
+            f"| {s['diffusers_method'] or '--'} | {fmt(s['diffusers_rel_error'])} | "
+            f"{_r(s['ratio'])} | {s.get('fixed_method') or '--'} | "
+            f"{fmt(s.get('fixed_rel_error'))} | {_r(s.get('fixed_ratio'))} |"
+        )
+    return "\n".join(lines)
+
+
+def searched_table(summary: Sequence[dict[str, Any]]) -> str:
+    """Markdown: per task and NFE with a searched schedule, its gain over our best
+    fixed-schedule solver and over diffusers' best, next to what the search cost."""
+    rows = [s for s in summary if s.get("searched_method")]
+    if not rows:
+        return ""
+    lines = [
+        "| task | NFE | searched (best held out) | rel_error | fixed/searched | "
+        "diffusers/searched | proxy evaluations | model evaluations | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in rows:
+        c = s.get("searched_cost") or {}
+        e = s["searched_rel_error"]
+        gain_f = None if not e or s.get("fixed_rel_error") is None else s["fixed_rel_error"] / e
+        gain_d = (
+            None if not e or s.get("diffusers_rel_error") is None else s["diffusers_rel_error"] / e
+        )
+
+        def n(v: Any) -> str:
+            return "--" if v is None else f"{v:,.0f}"
+
+        lines.append(
+            f"| {s['task']} | {s['nfe']} | {s['searched_method']} | {fmt(e)} | {_r(gain_f)} | "
+            f"{_r(gain_d)} | {n(c.get('proxy_evaluations'))} | {n(c.get('model_evaluations'))} "
+            f"| {n(c.get('seconds'))} |"
+        )
+    return "\n".join(lines)
+
+
+def fd_summary_table(summary: Sequence[dict[str, Any]]) -> str:
+    """Markdown: per task and NFE with FD-digits, the best searched schedule's FD-digits
+    against the best fixed-schedule method's (either library); empty without FD."""
+    rows = [s for s in summary if "fd_fixed" in s]
+    if not rows:
+        return ""
+    lines = [
+        "| task | NFE | searched (best FD) | FD-digits | fixed-schedule (best FD) | FD-digits "
+        "| searched/fixed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in rows:
+        fixed = s.get("fd_fixed_method")
+        if fixed:
+            fixed = f"{fixed} ({s['fd_fixed_library']})"
+        lines.append(
+            f"| {s['task']} | {s['nfe']} | {s.get('fd_searched_method') or '--'} | "
+            f"{_r(s.get('fd_searched'))} | {fixed or '--'} | {_r(s.get('fd_fixed'))} | "
+            f"{_r(s.get('fd_ratio'))} |"
+        )
+    return "\n".join(lines)
+
+
+def moonshot_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown of :func:`moonshot` rows (empty when the run lacks one of the two NFEs)."""
+    if not rows:
+        return ""
+    lines = [
+        "| task | ours (best) | NFE | rel_error | diffusers (best) | NFE | rel_error | ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for m in rows:
+        lines.append(
+            f"| {m['task']} | {m['ours_method'] or '--'} | {m['ours_nfe']} | "
+            f"{fmt(m['ours_rel_error'])} | {m['diffusers_method'] or '--'} | "
+            f"{m['diffusers_nfe']} | {fmt(m['diffusers_rel_error'])} | {_r(m['ratio'])} |"
         )
     return "\n".join(lines)
 

@@ -18,13 +18,18 @@ Example:
     >>> out = run_bench(tasks=["gauss-d2-vp"], nfes=[5], n_samples=16, methods=["ddim"],
     ...                 schedulers=["DDIM"], progress=False)
     >>> sorted(out)
-    ['bench', 'convention', 'meta', 'records', 'summary', 'tasks']
+    ['bench', 'convention', 'meta', 'moonshot', 'records', 'summary', 'tasks']
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +38,8 @@ import torch
 from ..metrics import rel_error, sliced_wasserstein
 from ..solvers import get_solver, list_solvers
 from . import diffusers_runner as dr
-from .report import summarize
-from .runner import TIMING, Job, RecordStore, run_jobs, strip_timing
+from .report import moonshot, summarize
+from .runner import TIMING, Job, RecordStore, key_id, run_jobs, strip_timing
 from .settings import ENDS, our_grid, our_settings, pick_winner, run_ours
 from .tasks import FULL_TASKS, QUICK_TASKS, REFERENCES, TASKS, Task, build_task, check_tasks
 
@@ -55,10 +60,23 @@ __all__ = [
     "QUICK_TASKS",
     "FULL_NFES",
     "QUICK_NFES",
+    "SEARCHED_PREFIX",
+    "Searched",
+    "load_searched",
+    "heldout_status",
+    "search_cost",
+    "FD_SAMPLES",
+    "QUICK_FD_SAMPLES",
 ]
 
 FULL_NFES = (5, 10, 20, 50)
 QUICK_NFES = (5, 10)
+#: a searched schedule's method name is this prefix and the schedule's name
+SEARCHED_PREFIX = "searched:"
+#: FD-digits samples per method and NFE on the network task (the model card's 1,000;
+#: the demo's quick run uses 300)
+FD_SAMPLES = 1000
+QUICK_FD_SAMPLES = 300
 #: the fields of a samplers record's key (see :mod:`.runner`)
 KEY_FIELDS = ("bench", "phase", "task", "library", "method", "nfe", "setting")
 #: a final output whose RMS exceeds the reference's by this factor (or is not finite) is
@@ -103,7 +121,18 @@ def convention(reference: str = "zero") -> str:
         "in float64 unless the record's note says otherwise (diffusers keeps its schedule tensors in "
         "float32, so its coefficients carry ~1e-7 relative round-off even on float64 samples). "
         f"A result whose RMS exceeds the reference's {DIVERGED_SCALE:g}x (or is not finite) is "
-        "flagged diverged (marked in the tables) and never counts as a library's best."
+        "flagged diverged (marked in the tables) and never counts as a library's best. "
+        f"A {SEARCHED_PREFIX}<name> method is a schedule found by `diffusolve search` (its "
+        "timesteps, or timesteps and per-step solver decisions; the name says what was searched "
+        "and on which task) run as it is, at its own NFE, from the same x_T and with no settings "
+        "search on top; it runs on every task of the process it was searched for. Its record "
+        "says on which data it was searched and whether this bench's prior and starts were held "
+        "out from that search; one searched on this bench's own prior/starts, or whose search "
+        "data is not recorded, is flagged and never counts as our best. Its search cost (proxy "
+        "evaluations, model evaluations, seconds) is listed next to its gain. On the network "
+        "task FD-digits is measured on fd_samples further starts with each method's winning "
+        "setting (stochastic solvers are not benched: rel_error to a probability-flow "
+        "reference does not apply to them)."
     )
 
 
@@ -145,10 +174,23 @@ def _diverged(x: torch.Tensor, ref: torch.Tensor) -> tuple[bool, float | None]:
 class _Tasks:
     """Builds each task on first use (a resumed run may need none) and keeps the last one."""
 
-    def __init__(self, n_samples: int, seed: int, reference: str) -> None:
+    def __init__(self, n_samples: int, seed: int, reference: str, fd_samples: int = 0) -> None:
         self.n_samples, self.seed, self.reference = n_samples, seed, reference
+        self.fd_samples = fd_samples
         self._name: str | None = None
         self._task: Task | None = None
+        self._fd: tuple[str, Task] | None = None
+
+    def fd_task(self, name: str) -> Task:
+        """The network task with ``fd_samples`` other starts (seed ``seed + 3``) in place
+        of its ``x_T``: the samples FD-digits is computed from."""
+        if self._fd is None or self._fd[0] != name:
+            task = self(name)
+            shape = (self.fd_samples, *task.x_T.shape[1:])
+            gen = torch.Generator().manual_seed(self.seed + 3)
+            x = task.model.process.prior_sample(shape, gen, dtype=torch.float64)
+            self._fd = (name, dataclasses.replace(task, x_T=x))
+        return self._fd[1]
 
     def __call__(self, name: str) -> Task:
         if self._name != name:
@@ -207,6 +249,279 @@ def _diffusers_runner(spec: dr.SchedulerSpec, nfe: int) -> Runner:
     return run
 
 
+# ----------------------------------------------------------------------------- searched schedules
+@dataclass(frozen=True)
+class Searched:
+    """A searched schedule run as a bench method (see :func:`load_searched`).
+
+    Attributes:
+        method: the method name, :data:`SEARCHED_PREFIX` + ``name``.
+        name: the schedule's name (a shipped schedule's name says what was searched and on
+            which task, e.g. ``gmm-d64-vp-nfe5-usf``; a file's name is its stem).
+        source: ``"shipped"`` or the file it was read from.
+        schedule: the :class:`~diffusolve.solvers.search.Schedule`.
+        digest: a hash of what the schedule runs (process, NFE, grid, solver, options,
+            decisions, final; not its ``info``): part of the record key, so a resumed run
+            re-runs a schedule whose file changed.
+    """
+
+    method: str
+    name: str
+    source: str
+    schedule: Any
+    digest: str
+
+
+def _digest(schedule: Any) -> str:
+    d = schedule.to_dict()
+    d.pop("info", None)
+    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def shipped_names() -> list[str]:
+    """The shipped schedules' names (none when the package ships none)."""
+    try:
+        from ..solvers.search import list_shipped
+    except ImportError:  # pragma: no cover - an install without shipped schedules
+        return []
+    return list(list_shipped())
+
+
+def load_searched(schedules: Iterable[str] | None = None) -> list[Searched]:
+    """The searched schedules a run benches.
+
+    Args:
+        schedules: ``None``: every shipped schedule; otherwise shipped names or paths of
+            schedule files (``.json``, as ``diffusolve search`` writes them); ``[]``: none.
+
+    Raises:
+        ValueError: an unknown name, a file that is not a schedule, or two with one name.
+    """
+    from ..solvers.search import Schedule
+
+    items = shipped_names() if schedules is None else list(schedules)
+    out: list[Searched] = []
+    for item in items:
+        path = Path(item)
+        if path.suffix.lower() == ".json" or path.exists():
+            if not path.is_file():
+                raise ValueError(f"schedule file {item} does not exist")
+            sch, name, source = Schedule.load(path), path.stem, str(path)
+        else:
+            from ..solvers.search import load_shipped
+
+            known = shipped_names()
+            if item not in known:
+                raise ValueError(
+                    f"unknown schedule {item!r}: give a schedule file (.json) or a shipped "
+                    f"name ({', '.join(known) or 'none shipped'})"
+                )
+            sch, name, source = load_shipped(item), item, "shipped"
+        out.append(Searched(SEARCHED_PREFIX + name, name, source, sch, _digest(sch)))
+    names = [s.name for s in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"two schedules named {', '.join(map(repr, dup))}; rename one file")
+    return out
+
+
+def _task_process(tname: str) -> Any:
+    from ..process import get_process
+
+    return get_process(TASKS[tname]["process"])
+
+
+def _matches(s: Searched, tname: str, nfe: int) -> bool:
+    """Whether ``s`` runs on task ``tname`` at NFE ``nfe``: same process, same NFE."""
+    return s.schedule.nfe == nfe and s.schedule.process.mismatch(_task_process(tname)) is None
+
+
+def _seen_segment(info: dict[str, Any]) -> str | None:
+    """The part of a schedule's data description about what its search saw."""
+    text = info.get("data")
+    if not isinstance(text, str):
+        return None
+    return re.split(r"held[- ]out", text, maxsplit=1)[0]
+
+
+def _seen_seeds(seen: str) -> set[int]:
+    """Every seed a data description names (``seeds A..B`` ranges and ``seed N``)."""
+    out: set[int] = set()
+    for a, b in re.findall(r"seeds?\s+(\d+)\s*\.\.\s*(\d+)", seen):
+        out.update(range(int(a), int(b) + 1))
+    for a in re.findall(r"seed\s+(\d+)(?!\s*\.\.)", seen):
+        out.add(int(a))
+    return out
+
+
+def _is_network(tname: str) -> bool:
+    return TASKS[tname]["prior"] == "digits"
+
+
+def heldout_status(schedule: Any, tname: str, seed: int) -> dict[str, Any]:
+    """Whether the bench's data for ``tname`` at ``seed`` was held out from ``schedule``'s
+    search.
+
+    The bench's analytic tasks use prior ``seed`` and starts from seed ``seed + 1``; the
+    network task uses the bundled model and starts from seed ``seed + 1``. A schedule
+    searched on another task (another prior or process) never saw this task's data. A
+    schedule searched on this task saw the priors (analytic) or starts (network) whose seeds
+    its ``info["data"]`` names before "held out"; when the bench's seed is among them, or
+    when the schedule does not say what it was searched on, ``heldout`` is ``False`` /
+    ``None`` and the record is flagged (it never counts as our best).
+
+    Returns:
+        ``dict(heldout, searched_on, bench_data, search_data, note)``.
+    """
+    info = schedule.info or {}
+    on = info.get("model")
+    network = _is_network(tname)
+    bench_data = (
+        f"bundled digits model, starts seed {seed + 1}"
+        if network
+        else f"{tname}: prior seed {seed}, starts seed {seed + 1}"
+    )
+    seen = _seen_segment(info)
+    res = {
+        "heldout": None,
+        "searched_on": on,
+        "bench_data": bench_data,
+        "search_data": info.get("data"),
+    }
+    if not isinstance(on, str):
+        res["note"] = "the schedule does not say what it was searched on: held-out not verified"
+        return res
+    same = on in ("digits", "digits-unet") if network else on == tname
+    if not same:
+        res["heldout"] = True
+        res["note"] = f"searched on {on}, run on {tname} (a transfer: this task was never seen)"
+        return res
+    if seen is None:
+        res["note"] = f"searched on {on} without a record of its data: held-out not verified"
+        return res
+    seeds = _seen_seeds(seen)
+    mine = seed + 1 if network else seed
+    what = "starts seed" if network else "prior seed"
+    if not seeds:
+        res["note"] = f"searched on {on}; its data description names no seeds: not verified"
+    elif mine in seeds:
+        res["heldout"] = False
+        res["note"] = f"SEARCHED ON THIS BENCH'S DATA: the search used {what} {mine}"
+    else:
+        res["heldout"] = True
+        res["note"] = (
+            f"searched on {on} with {what}s {_ranges(seeds)}; this bench's {what} {mine} "
+            "was held out"
+        )
+    return res
+
+
+def _ranges(values: set[int]) -> str:
+    """``{1, 2, 3, 7}`` -> ``"1..3, 7"``."""
+    out, run = [], []
+    for v in sorted(values):
+        if run and v != run[-1] + 1:
+            out.append(run)
+            run = []
+        run.append(v)
+    out.append(run)
+    return ", ".join(f"{r[0]}..{r[-1]}" if len(r) > 1 else str(r[0]) for r in out if r)
+
+
+def _calibration_starts(info: dict[str, Any]) -> int | None:
+    """Starts per proxy evaluation, from a schedule's data description (calibration only)."""
+    seen = _seen_segment(info)
+    if seen is None:
+        return None
+    cal = seen.split("validation", 1)[0]
+    m = re.search(r"seeds\s+(\d+)\s*\.\.\s*(\d+)\s*\((\d+) starts each\)", cal)
+    if m:
+        return (int(m.group(2)) - int(m.group(1)) + 1) * int(m.group(3))
+    m = re.search(r"calibration\s+(\d+)\s+starts", cal)
+    return int(m.group(1)) if m else None
+
+
+def search_cost(schedule: Any) -> dict[str, Any]:
+    """What the search that found ``schedule`` cost, from its ``info``.
+
+    Recorded figures (``info["cost"]`` or top-level ``proxy_evaluations``,
+    ``model_evaluations``, ``seconds``) are taken as they are. Otherwise the proxy
+    evaluations are the search's ``budget`` and the model evaluations are derived as
+    budget x NFE x calibration starts (per-sample evaluations of the calibration runs; the
+    note says so); seconds stay unknown.
+
+    Returns:
+        ``dict(proxy_evaluations, model_evaluations, seconds, note)`` (``None``: unknown).
+    """
+    info = schedule.info or {}
+    cost = info.get("cost") if isinstance(info.get("cost"), dict) else {}
+
+    def pick(*keys: str) -> Any:
+        for k in keys:
+            for src in (cost, info):
+                if src.get(k) is not None:
+                    return src[k]
+        return None
+
+    proxy = pick("proxy_evaluations", "evaluations")
+    model = pick("model_evaluations")
+    seconds = pick("seconds", "search_seconds")
+    notes = []
+    if proxy is None and info.get("budget") is not None:
+        proxy = int(info["budget"])
+        notes.append("proxy evaluations: the search's budget")
+    if model is None and proxy is not None:
+        starts = _calibration_starts(info)
+        if starts is not None:
+            model = int(proxy) * int(schedule.nfe) * starts
+            notes.append(
+                "model evaluations derived: proxy evaluations x NFE x calibration starts "
+                "(per sample; without reference solves or validation runs)"
+            )
+    if seconds is None:
+        notes.append("seconds not recorded in the schedule")
+    return {
+        "proxy_evaluations": proxy,
+        "model_evaluations": model,
+        "seconds": seconds,
+        "note": "; ".join(notes) or None,
+    }
+
+
+def searched_meta(s: Searched, task_names: list[str], nfes: list[int], seed: int) -> dict:
+    """A searched schedule's entry in the result's ``meta["searched"]``."""
+    info = s.schedule.info or {}
+    runs = [t for t in task_names for n in nfes if _matches(s, t, n)]
+    return {
+        "method": s.method,
+        "name": s.name,
+        "source": s.source,
+        "digest": s.digest,
+        "process": s.schedule.process.name,
+        "nfe": s.schedule.nfe,
+        "solver": s.schedule.solver,
+        "final": s.schedule.final,
+        "mode": info.get("mode"),
+        "searched_on": info.get("model"),
+        "search_data": info.get("data"),
+        "schedule": s.schedule.describe(),
+        "cost": search_cost(s.schedule),
+        "tasks": list(dict.fromkeys(runs)),
+        "heldout": {t: heldout_status(s.schedule, t, seed) for t in dict.fromkeys(runs)},
+    }
+
+
+def _schedule_runner(s: Searched) -> Runner:
+    def run(task: Task, setting: dict[str, Any], idx: slice) -> dict[str, Any]:
+        stats: dict[str, Any] = {}
+        x = s.schedule.sample(
+            task.model, task.x_T[idx], dtype=torch.float64, stats=stats, progress=False
+        )
+        return {"x": x, "nfe_used": stats["nfe"], "steps": len(s.schedule.grid) - 1, "notes": []}
+
+    return run
+
+
 def _method_jobs(
     store: RecordStore,
     tasks: _Tasks,
@@ -220,8 +535,16 @@ def _method_jobs(
     n_select: int,
     unsupported: str | None = None,
     extra_notes: tuple[str, ...] = (),
+    select: bool = True,
+    extra: dict[str, Any] | None = None,
+    fd: bool = False,
 ) -> Iterator[Job]:
-    """The select jobs of one method at one NFE, then its final job (built from them)."""
+    """The select jobs of one method at one NFE, then its final job (built from them).
+
+    With ``select=False`` the one setting in ``settings`` runs on all samples without
+    trials (a searched schedule). ``extra`` fields are added to the final record. With
+    ``fd`` an ``fd`` job follows: FD-digits of the winner on ``tasks.fd_samples`` starts.
+    """
     label = f"{tname} NFE {nfe} {method}"
     if unsupported is not None:
         rec = {
@@ -262,14 +585,19 @@ def _method_jobs(
         return run
 
     keys = []
-    for i, setting in enumerate(settings):
-        keys.append(_key("select", tname, library, method, nfe, setting))
-        yield Job(keys[-1], trial(i, setting), label)
-    # every trial record is in the store now (the runner finishes a job before the next)
-    trials = [store.get(k) or {} for k in keys]
-    failures = [r["error"] for r in trials if r.get("error")]
-    best = pick_winner(trials)
-    win = None if best is None else next(i for i, r in enumerate(trials) if r is best)
+    if select:
+        for i, setting in enumerate(settings):
+            keys.append(_key("select", tname, library, method, nfe, setting))
+            yield Job(keys[-1], trial(i, setting), label)
+        # every trial record is in the store now (the runner finishes a job before the next)
+        trials = [store.get(k) or {} for k in keys]
+        failures = [r["error"] for r in trials if r.get("error")]
+        best = pick_winner(trials)
+        win = None if best is None else next(i for i, r in enumerate(trials) if r is best)
+    else:
+        if len(settings) != 1:
+            raise ValueError("a method without a settings search has exactly one setting")
+        failures, win = [], 0
     winner = None if win is None else settings[win]
 
     def final(store: RecordStore) -> dict[str, Any]:
@@ -281,14 +609,24 @@ def _method_jobs(
             "sw": None,
             "diverged": None,
             "scale_ratio": None,
-            "settings_tried": len(settings),
+            "settings_tried": len(settings) if select else 0,
             "settings_failed": len(failures),
         }
+        rec.update(extra or {})
         if win is None:
             notes.append("no setting ran: " + " | ".join(failures))
         else:
             task = tasks(tname)
-            out = cache[win] if win in cache else runner(task, settings[win], slice(0, n_samples))
+            try:
+                out = (
+                    cache[win] if win in cache else runner(task, settings[win], slice(0, n_samples))
+                )
+            except Exception as e:  # noqa: BLE001 - only without a settings search
+                if select:
+                    raise
+                notes.append(f"failed: {type(e).__name__}: {str(e)[:160]}")
+                rec["note"] = "; ".join(dict.fromkeys(notes))
+                return rec
             notes = out["notes"] + notes
             x = out["x"]
             diverged, ratio = _diverged(x, task.ref)
@@ -315,6 +653,49 @@ def _method_jobs(
         return rec
 
     yield Job(_key("final", tname, library, method, nfe, winner), final, label)
+    if fd and winner is not None:
+        done = store.get(_key("final", tname, library, method, nfe, winner)) or {}
+        if done.get("rel_error") is not None:
+            yield _fd_job(tasks, tname, library, method, nfe, winner, runner)
+
+
+def _fd_job(
+    tasks: _Tasks,
+    tname: str,
+    library: str,
+    method: str,
+    nfe: int,
+    setting: dict[str, Any],
+    runner: Runner,
+) -> Job:
+    """FD-digits of a method's winning setting on the network task's FD starts."""
+
+    def run(store: RecordStore) -> dict[str, Any]:
+        from ..models import fd_digits
+
+        task = tasks.fd_task(tname)
+        out = runner(task, setting, slice(0, task.x_T.shape[0]))
+        x = out["x"]
+        if not bool(torch.isfinite(x).all()):
+            return {"fd_digits": None, "fd_samples": x.shape[0], "fd_note": "non-finite samples"}
+        return {"fd_digits": float(fd_digits(x.float())), "fd_samples": x.shape[0]}
+
+    return Job(
+        _key("fd", tname, library, method, nfe, setting), run, f"{tname} NFE {nfe} {method} FD"
+    )
+
+
+def _fd_floor_job(tasks: _Tasks, tname: str) -> Job:
+    def run(store: RecordStore) -> dict[str, Any]:
+        from ..models import fd_digits_noise_floor
+
+        n = tasks.fd_samples
+        try:
+            return {"fd_floor": fd_digits_noise_floor(n), "fd_samples": n}
+        except ValueError as e:  # more samples than the train split holds per class
+            return {"fd_floor": None, "fd_samples": n, "fd_note": str(e)[:160]}
+
+    return Job(_key("fd_floor", tname), run, f"{tname}: FD-digits floor")
 
 
 def _task_job(tasks: _Tasks, tname: str) -> Job:
@@ -336,12 +717,16 @@ def _plan(
     n_samples: int,
     n_select: int,
     quick: bool,
+    searched: list[Searched] = (),  # type: ignore[assignment]
 ) -> Iterator[Job]:
     for tname in task_names:
         yield _task_job(tasks, tname)
         kind = "rf" if TASKS[tname]["process"] == "rectified-flow" else "vp"
         q = quick or TASKS[tname]["prior"] == "digits"  # network: fewer settings
         only = TASKS[tname].get("methods")
+        fd = _is_network(tname) and tasks.fd_samples > 0
+        if fd:
+            yield _fd_floor_job(tasks, tname)
         for nfe in nfes:
             for name in [m for m in ours if only is None or m in only]:
                 yield from _method_jobs(
@@ -355,6 +740,38 @@ def _plan(
                     _ours_runner(name, nfe),
                     n_samples,
                     n_select,
+                    fd=fd,
+                )
+            for sch in [x for x in searched if _matches(x, tname, nfe)]:
+                status = heldout_status(sch.schedule, tname, tasks.seed)
+                yield from _method_jobs(
+                    store,
+                    tasks,
+                    tname,
+                    "diffusolve",
+                    sch.method,
+                    nfe,
+                    [{"schedule": sch.name, "digest": sch.digest}],
+                    _schedule_runner(sch),
+                    n_samples,
+                    n_select,
+                    select=False,
+                    extra={
+                        "searched": {
+                            "schedule": sch.name,
+                            "source": sch.source,
+                            "solver": sch.schedule.solver,
+                            "mode": (sch.schedule.info or {}).get("mode"),
+                            "final": sch.schedule.final,
+                            **status,
+                            "cost": search_cost(sch.schedule),
+                        }
+                    },
+                    extra_notes=(
+                        "searched schedule run as it is (its own grid, solver and final; no "
+                        "settings search)",
+                    ),
+                    fd=fd,
                 )
             for spec in specs:
                 reason = dr.unsupported_note(spec, kind)
@@ -372,6 +789,7 @@ def _plan(
                     n_select,
                     unsupported=reason,
                     extra_notes=notes,
+                    fd=fd,
                 )
 
 
@@ -405,6 +823,8 @@ def run_bench(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    schedules: Iterable[str] | None = None,
+    fd_samples: int | None = None,
 ) -> dict[str, Any]:
     """Run the samplers bench and return the JSON-ready result.
 
@@ -423,10 +843,16 @@ def run_bench(
         resume: continue the run in ``records`` (skip every job already recorded).
         overwrite: start ``records`` afresh when it exists.
         progress: show a tqdm bar over method runs.
+        schedules: searched schedules to bench (:func:`load_searched`: ``None`` every
+            shipped one, ``[]`` none, else shipped names or schedule files); each runs as the
+            method ``searched:<name>`` on every task whose process it was searched for, at
+            its own NFE when that NFE is in ``nfes``.
+        fd_samples: FD-digits samples per method and NFE on the network task (default
+            :data:`FD_SAMPLES`, quick :data:`QUICK_FD_SAMPLES`; 0: no FD-digits).
 
     Raises:
-        ValueError: unknown task / method / reference, non-positive sizes, or a records file
-            of another configuration.
+        ValueError: unknown task / method / reference / schedule, non-positive sizes, or a
+            records file of another configuration.
         runner.RecordsExistError: ``records`` exists and neither ``resume`` nor ``overwrite``.
     """
     from tqdm.auto import tqdm
@@ -445,6 +871,12 @@ def run_bench(
     check_methods(methods, schedulers)
     ours = methods if methods is not None else deterministic_solvers()
     specs = [s for s in dr.SPECS if schedulers is None or s.method in set(schedulers)]
+    searched = load_searched(schedules)
+    if fd_samples is None:
+        fd_samples = QUICK_FD_SAMPLES if quick else FD_SAMPLES
+    if fd_samples < 0 or fd_samples == 1:
+        raise ValueError(f"fd_samples must be 0 (no FD-digits) or >= 2, got {fd_samples}")
+    network = any(_is_network(t) for t in task_names)
     config = {
         "n_samples": n_samples,
         "n_select": n_select,
@@ -452,6 +884,8 @@ def run_bench(
         "seed": seed,
         "reference": reference,
     }
+    if network and fd_samples:
+        config["fd_samples"] = fd_samples  # only then: older records files still resume
     store = RecordStore(
         records,
         bench="samplers",
@@ -461,6 +895,7 @@ def run_bench(
     )
     total = sum(
         len(nfes) * (len([m for m in ours if m in TASKS[t].get("methods", ours)]) + len(specs))
+        + sum(_matches(x, t, n) for x in searched for n in nfes)
         for t in task_names
     )
     bar = tqdm(total=total, desc="bench samplers", unit="run", disable=not progress)
@@ -470,13 +905,24 @@ def run_bench(
             bar.update(1)
         bar.set_postfix_str(job.label)
 
-    task_cache = _Tasks(n_samples, seed, reference)
+    task_cache = _Tasks(n_samples, seed, reference, fd_samples if network else 0)
     start = time.perf_counter()
     grad_was = torch.is_grad_enabled()
     torch.set_grad_enabled(False)  # the bench is the caller: no autograd graphs of the UNet
     try:
         n_run, n_skipped = run_jobs(
-            _plan(store, task_cache, task_names, nfes, ours, specs, n_samples, n_select, quick),
+            _plan(
+                store,
+                task_cache,
+                task_names,
+                nfes,
+                ours,
+                specs,
+                n_samples,
+                n_select,
+                quick,
+                searched,
+            ),
             store,
             on_record=on_record,
         )
@@ -501,9 +947,12 @@ def run_bench(
             "records_resumed": n_skipped,
             "seconds": round(time.perf_counter() - start, 1),
             "skipped_stochastic": [n for n in list_solvers() if get_solver(n).stochastic],
+            "fd_samples": fd_samples if network else None,
+            "searched": [searched_meta(x, task_names, nfes, seed) for x in searched],
             "torch": torch.__version__,
             "diffusers": _diffusers_version(),
         },
+        searched=searched,
     )
 
 
@@ -514,14 +963,25 @@ def result_from_records(
     ours: list[str],
     theirs: list[str],
     meta: dict[str, Any],
+    searched: list[Searched] = (),  # type: ignore[assignment]
 ) -> dict[str, Any]:
     """The JSON-ready result (tasks, final records, summary) from a run's records.
 
-    Records are taken in plan order (task, NFE, our methods, diffusers methods), whatever
-    order the file has them in, so a resumed run gives the same result as an uninterrupted one.
+    Records are taken in plan order (task, NFE, our methods, searched schedules, diffusers
+    methods), whatever order the file has them in, so a resumed run gives the same result
+    as an uninterrupted one. FD-digits records (network task) are merged into their final
+    records (``fd_digits``, ``fd_samples``).
     """
     finals = {
         (r["task"], r["library"], r["method"], r["nfe"]): r for r in store.select(phase="final")
+    }
+    for x in searched:  # the exact key: a changed schedule file is another record
+        for r in store.select(phase="final", method=x.method):
+            if (r.get("setting") or {}).get("digest") == x.digest:
+                finals[(r["task"], r["library"], r["method"], r["nfe"])] = r
+    fds = {
+        (r["task"], r["library"], r["method"], r["nfe"], key_id(r, ("setting",))): r
+        for r in store.select(phase="fd")
     }
     task_info: dict[str, Any] = {}
     records: list[dict[str, Any]] = []
@@ -530,16 +990,31 @@ def result_from_records(
         if trec is not None:
             info = dict(trec["info"])
             info["reference_seconds"] = trec.get(TIMING, {}).get("reference_seconds")
+            floor = store.get(_key("fd_floor", tname))
+            if floor is not None:
+                info["fd_floor"] = floor.get("fd_floor")
+                info["fd_samples"] = floor.get("fd_samples")
+                info["fd_data"] = (
+                    "FD-digits of fd_samples unconditional samples (starts seed + 3, the winning "
+                    "setting) against the held-out digits; fd_floor: real train digits vs the "
+                    "held-out split at the same size"
+                )
             task_info[tname] = info
         only = TASKS[tname].get("methods")
+        mine = [m for m in ours if only is None or m in only]
+        mine += [x.method for x in searched]
         for nfe in nfes:
-            for lib, names in (("diffusolve", ours), ("diffusers", theirs)):
+            for lib, names in (("diffusolve", mine), ("diffusers", theirs)):
                 for m in names:
-                    if lib == "diffusolve" and only is not None and m not in only:
-                        continue
                     r = finals.get((tname, lib, m, nfe))
-                    if r is not None:
-                        records.append(_public(r))
+                    if r is None:
+                        continue
+                    pub = _public(r)
+                    fd = fds.get((tname, lib, m, nfe, key_id(r, ("setting",))))
+                    if fd is not None:
+                        pub["fd_digits"] = fd.get("fd_digits")
+                        pub["fd_samples"] = fd.get("fd_samples")
+                    records.append(pub)
     reference = meta.get("reference", "zero")
     return {
         "bench": "samplers",
@@ -547,6 +1022,7 @@ def result_from_records(
         "tasks": task_info,
         "records": records,
         "summary": summarize(records),
+        "moonshot": moonshot(records),
         "meta": meta,
     }
 
