@@ -17,9 +17,12 @@ sample and ``k`` given ``x`` is the posterior of the noise level. One sweep:
 
 After the sweeps each sample is integrated from its level to ``t_min`` by a registered
 solver (``diffusolve.sample`` on a grid starting at that level; samples are grouped by
-level). By default the state with the lowest level seen over the sweeps is integrated
-(``select="min"``, as published); ``select="last"`` integrates the last state, which is a
-draw of the chain's target (the exact choice at stationarity).
+level). By default the chain's last state is integrated (``select="last"``): it is a draw
+of the chain's target, the exact choice at stationarity. ``select="min"`` integrates the
+state with the lowest level seen over the sweeps, as published; it favours states that
+look clean and is biased: on a 2-D mixture its sliced Wasserstein distance to exact
+samples was 0.24 against 0.11 for ``"last"`` (exact-vs-exact floor 0.14), and on
+``digits`` at NFE 10 its FD-digits was 0.52 against 0.28 (n = 1000).
 
 **NFE.** Every sample costs ``sweeps * langevin_steps`` Langevin evaluations plus the solve's
 evaluations (its steps and the final denoise): ``stats["nfe"]`` is that count (measured).
@@ -360,7 +363,7 @@ def dmcmc_sample(
     sweeps: int | None = None,
     eta: float = 0.5,
     gibbs: str = "sample",
-    select: str = "min",
+    select: str = "last",
     chain: Chain | None = None,
     final: str = "denoise",
     grid_kind: str | None = None,
@@ -385,7 +388,8 @@ def dmcmc_sample(
             (about half the budget for the chain, the rest for the solve).
         eta: the Langevin step relative to the level's variance, ``eps = eta sigma_k^2``.
         gibbs: ``"sample"`` (draw ``k ~ p(k | x)``) or ``"map"`` (its mode).
-        select: ``"min"`` (the state with the lowest level over the sweeps) or ``"last"``.
+        select: ``"last"`` (the last state, default) or ``"min"`` (the state with the lowest
+            level over the sweeps, the published choice; biased, see the module docstring).
         chain: a :class:`Chain` to continue (from ``stats["chain"]`` of an earlier call).
         final: the solve's final policy (see :func:`diffusolve.sample`).
         grid_kind: the solve's grid kind (default the solver's natural grid).
