@@ -49,7 +49,11 @@ def register(subparsers: Any) -> None:
             "run continues with --resume. Prints Markdown tables, writes JSON and PNG plots."
         ),
     )
-    p.add_argument("--quick", action="store_true", help="small run (<2 min): 2 tasks, NFE 5 and 10")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small run (a few minutes): 2 tasks, NFE 5 and 10, 128 samples, fewer settings",
+    )
     p.add_argument(
         "--json", metavar="PATH", help="write the full result as JSON (refused if PATH exists)"
     )

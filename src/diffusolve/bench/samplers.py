@@ -409,9 +409,10 @@ def heldout_status(schedule: Any, tname: str, seed: int) -> dict[str, Any]:
         res["note"] = f"SEARCHED ON THIS BENCH'S DATA: the search used {what} {mine}"
     else:
         res["heldout"] = True
+        starts = "" if network else f" (starts seed {seed + 1})"
         res["note"] = (
-            f"searched on {on} with {what}s {_ranges(seeds)}; this bench's {what} {mine} "
-            "was held out"
+            f"searched on {on} with {what}s {_ranges(seeds)}; this bench's {what} {mine}"
+            f"{starts} was held out"
         )
     return res
 
