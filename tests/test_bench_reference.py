@@ -15,6 +15,8 @@ from diffusolve.models.analytic.reference import (
 )
 from diffusolve.process import get_process
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def _gaussian(d: int, process, seed: int = 0) -> Gaussian:
     g = torch.Generator().manual_seed(seed)

@@ -14,6 +14,8 @@ from diffusolve.solvers import BoundModel, StepContext, get_solver
 from diffusolve.solvers.deis import lagrange_basis, rhoab_coefficients, tab_coefficients
 from diffusolve.solvers.pndm import AB_COEFFICIENTS
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 NAMES = [
     "deis_tab1",
     "deis_tab2",

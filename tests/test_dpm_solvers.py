@@ -18,6 +18,8 @@ from diffusolve.solvers.base import BoundModel, StepContext
 from diffusolve.solvers.expint import ExpStep, phi
 from diffusolve.solvers.multistep import History, Record
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 F64 = torch.float64
 NAMES = {
     "dpm_solver_1",

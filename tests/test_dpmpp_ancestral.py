@@ -2,12 +2,15 @@
 
 import math
 
+import pytest
 import torch
 
 import diffusolve
 from diffusolve.models import Gaussian
 from diffusolve.process import get_process, make_grid, vp_linear
 from diffusolve.solvers import BoundModel, StepContext, get_solver
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 F64 = torch.float64
 

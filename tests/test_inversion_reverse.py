@@ -14,6 +14,8 @@ from diffusolve.models.analytic.conditional import ClassConditionalMixture
 from diffusolve.process import Process, ddpm, make_grid, rectified_flow, vp_linear
 from diffusolve.solvers import get_solver, list_solvers
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 DETERMINISTIC = [n for n in list_solvers() if not get_solver(n).stochastic]
 STOCHASTIC = [n for n in list_solvers() if get_solver(n).stochastic]
 

@@ -8,6 +8,8 @@ from diffusolve import sample, steps_for_nfe
 from diffusolve.models import Gaussian, from_callable
 from diffusolve.process import ddpm, edm, make_grid, vp_linear
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def _prior(process=None):
     return Gaussian(

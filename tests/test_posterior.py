@@ -40,6 +40,8 @@ from diffusolve.models.analytic.posterior import (
 )
 from diffusolve.process import edm, rectified_flow
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 F64 = torch.float64
 RF = rectified_flow()  # alpha(0) = 1, sigma(0) = 0: log_prob(x, 0) is the data density
 

@@ -19,6 +19,8 @@ from diffusolve.process import (
     to_x0,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 NAMES = sorted(PROCESSES)
 
 

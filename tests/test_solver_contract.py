@@ -17,6 +17,8 @@ from diffusolve.process import make_grid, vp_linear
 from diffusolve.solvers import ALIASES, BoundModel, StepContext, get_solver, list_solvers
 from diffusolve.solvers.endpoint import zero_weights
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 F64 = torch.float64
 NAMES = list_solvers()
 

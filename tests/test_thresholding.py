@@ -23,6 +23,8 @@ from diffusolve.models import DynamicThresholding, Gaussian
 from diffusolve.models.base import dynamic_threshold
 from diffusolve.process import make_grid, vp_linear
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 F64 = torch.float64
 
 

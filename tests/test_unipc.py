@@ -11,6 +11,8 @@ from diffusolve.process import PROCESSES, ddpm, make_grid, vp_linear
 from diffusolve.solvers import get_solver
 from diffusolve.solvers.unipc import unipc_weights
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 NAMES = [f"unipc_{v}_{p}" for v in ("bh1", "bh2") for p in (1, 2, 3)]
 
 
