@@ -75,6 +75,7 @@ TASKS: dict[str, dict[str, Any]] = {
             "deis_tab3",
             "ipndm",
             "plms",
+            "bdia_ddim",
         ),
     },
     # small exact tasks for tests and smoke runs
