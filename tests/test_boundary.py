@@ -16,6 +16,8 @@ from diffusolve.inverse.boundary import (
 from diffusolve.models import Gaussian
 from diffusolve.process import ddpm, rectified_flow
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def setup(process=None, d: int = 6):
     process = process or ddpm()

@@ -23,6 +23,8 @@ from diffusolve.sampling import (
 )
 from diffusolve.sampling.dmcmc import _BUNDLED, ESTIMATOR_CONFIG, ESTIMATOR_FILE
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 MEANS = torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.5]])
 
 

@@ -20,6 +20,8 @@ from diffusolve.sampling import (
     nn_distances,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 PROCESS = vp_linear()
 N = 12
 

@@ -24,6 +24,8 @@ from diffusolve.models.base import Denoiser, from_callable
 from diffusolve.process import rectified_flow, vp_linear
 from diffusolve.solvers.base import BoundModel
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 NAMES = (
     "fixed_point",
     "anderson",
