@@ -28,6 +28,17 @@ N = 12
 
 @pytest.fixture(scope="module")
 def problem() -> tuple[torch.Tensor, torch.Tensor, OTMap]:
+    # a module fixture is set up before the function-scoped single_thread fixture: set the
+    # thread count here too (the fit is many small steps; a second thread only waits)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _fit_problem()
+    finally:
+        torch.set_num_threads(before)
+
+
+def _fit_problem() -> tuple[torch.Tensor, torch.Tensor, OTMap]:
     g = torch.Generator().manual_seed(0)
     points = torch.randn(N, 2, generator=g) * 1.5
     weights = torch.rand(N, generator=g) + 0.2
