@@ -31,6 +31,8 @@ from diffusolve.models import DiffusersDenoiser, from_diffusers, load_diffusers 
 from diffusolve.process import DiscreteVP, to_x0  # noqa: E402
 from diffusolve.solvers import list_solvers  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 F64 = torch.float64
 
 

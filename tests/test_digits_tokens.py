@@ -24,6 +24,8 @@ from diffusolve.train.digits_tokens import (
     train_digits_tokens,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 ASSETS = asset_dir("digits-tokens")
 METRICS = json.loads((ASSETS / "metrics.json").read_text())
 

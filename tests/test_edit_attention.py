@@ -22,6 +22,8 @@ from diffusolve.edit.methods import ddim_trajectory, rescale_guidance
 from diffusolve.inversion import invert, reconstruct, sampling_grid
 from diffusolve.models import Gaussian, from_diffusers
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 L, D = 5, 32
 SCHED = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 

@@ -10,6 +10,8 @@ from diffusolve.edit import edit
 from diffusolve.edit.methods import _blend_mask
 from diffusolve.models import load
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def test_blend_mask_is_the_pooled_normalised_attention_of_the_words():
     maps = torch.zeros(1, 16, 3)  # a 4x4 attention grid, 3 tokens
