@@ -42,6 +42,7 @@ def test_shipped_files_are_small_diffusers_folders() -> None:
     assert unet_cfg["num_class_embeds"] == 11 and unet_cfg["sample_size"] == 16
 
 
+@pytest.mark.usefixtures("single_thread")
 def test_load_gives_a_denoiser_with_label_checks() -> None:
     model = load("digits")
     assert isinstance(model, Denoiser)
@@ -107,6 +108,7 @@ def test_fd_digits_matches_the_model_card(guided_samples) -> None:
     assert fd_digits(noise) > 5.0 * fd
 
 
+@pytest.mark.usefixtures("single_thread")
 def test_train_cli_registers_and_runs_tiny(tmp_path: Path) -> None:
     from diffusolve.models.diffusers_adapter import load_diffusers
     from diffusolve.train.classifier import load_classifier_from
@@ -128,6 +130,7 @@ def test_train_cli_registers_and_runs_tiny(tmp_path: Path) -> None:
     assert net(torch.zeros(2, 1, 16, 16), torch.tensor(3.0)).shape == (2, 10)
 
 
+@pytest.mark.usefixtures("single_thread")
 def test_training_is_deterministic_for_a_seed(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 

@@ -14,6 +14,8 @@ from PIL import Image
 from diffusolve.bench import inversion as binv
 from diffusolve.cli import main
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 @pytest.fixture(scope="module")
 def digit(tmp_path_factory):

@@ -29,6 +29,8 @@ from diffusolve.guidance import ClassifierFreeGuidance
 from diffusolve.inversion import invert, reconstruct
 from diffusolve.models import Denoiser, from_diffusers
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 WORDS = ("a", "photo", "of", "cat", "dog", "thick", "thin")
 LENGTH = 8  # tokens per prompt (start, words, end / padding)
 DIM = 32

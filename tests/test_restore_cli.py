@@ -15,6 +15,8 @@ from diffusolve.cli import main
 from diffusolve.inverse.samplers import SAMPLERS
 from diffusolve.inverse.tasks import IMAGE_TASKS, make_task
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 @pytest.fixture(scope="module")
 def digit(tmp_path_factory):
