@@ -227,6 +227,31 @@ def test_usf_search_lowers_the_proxy(sets):
     assert stats["nfe"] == 4
 
 
+def test_search_starts_from_seeds_and_picks_on_validation(sets):
+    """A seed schedule is evaluated first and never lost (the best leader's proxy is at most
+    the seed's); with validation data the result is the leading plan that does best there."""
+    cal, other_noise, _ = sets
+    p = cal[0][0].process
+    plan = (Decision("noise", 1), Decision("data", 2, 2, "bh1"), Decision("data", 1, 1, "bh1"))
+    seed = Schedule.for_solver(p, make_grid(p, 3, "logsnr"), USF(decisions=plan))
+    proxy = Proxy(cal)
+    res = search(
+        proxy, 4, budget=40, seed=0, progress=False, seeds=[seed], validation=Proxy([other_noise])
+    )
+    pool = res.schedule.info["validation_pool"]  # [proxy, validation] of each leader
+    assert min(p for p, _ in pool) <= proxy.schedule_error(seed) + 1e-12
+    assert res.schedule.info["validation"] == min(v for _, v in pool)
+    assert math.isclose(Proxy([other_noise]).schedule_error(res.schedule), min(v for _, v in pool))
+    with pytest.raises(ValueError, match="usf schedule"):
+        search(
+            proxy,
+            4,
+            budget=5,
+            progress=False,
+            seeds=[Schedule.for_solver(p, make_grid(p, 3), "ddim")],
+        )
+
+
 def test_search_is_deterministic_and_resumes_from_its_log(sets, tmp_path):
     cal = sets[0][:1]
     log = tmp_path / "s.jsonl"

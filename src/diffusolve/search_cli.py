@@ -37,6 +37,7 @@ __all__ = ["add_parser", "run_search"]
 #: the bundled model the search knows besides the analytic bench tasks
 NETWORK_MODELS = ("digits", "digits-unet")
 CALIB_PRIOR_SEED, CALIB_NOISE_SEED, NETWORK_CALIB_SEED = 1000, 2000, 5000
+VAL_PRIOR_SEED, VAL_NOISE_SEED, NETWORK_VAL_SEED = 3000, 4000, 6000
 HELDOUT_PRIOR_SEEDS = (0, 1)
 BENCH_REFERENCE_STEPS = 1000
 
@@ -61,20 +62,37 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="the schedule file to write (.json)")
     p.add_argument("--log", help="JSONL log of every evaluated candidate")
+    p.add_argument(
+        "--start",
+        action="append",
+        default=[],
+        help="a schedule file to start from (repeatable; --usf: a usf schedule)",
+    )
     p.add_argument("--resume", action="store_true", help="continue the search in --log")
     p.add_argument("--force", action="store_true", help="overwrite --out")
     p.add_argument("--seed", type=int, default=0, help="the search's seed (default 0)")
     p.add_argument(
-        "--calib-priors", type=int, default=8, help="calibration mixtures (analytic tasks)"
+        "--calib-priors", type=int, default=16, help="calibration mixtures (analytic tasks)"
     )
-    p.add_argument("--calib-samples", type=int, default=64, help="starts per calibration set")
+    p.add_argument("--calib-samples", type=int, default=32, help="starts per calibration set")
+    p.add_argument(
+        "--val-priors",
+        type=int,
+        default=4,
+        help="validation mixtures (analytic tasks; digits: one set of other starts) that pick "
+        "the result among the leading plans; 0: the lowest proxy wins",
+    )
     p.add_argument(
         "--heldout-samples", type=int, default=512, help="starts per held-out set (bench: 512)"
     )
     p.add_argument(
         "--ref-steps", type=int, default=250, help="steps of the digits calibration reference"
     )
-    p.add_argument("--cache", help="folder for cached network references")
+    p.add_argument(
+        "--cache",
+        help="folder for cached references (digits: always cached, by default in "
+        "~/.cache/diffusolve/search; analytic tasks: only with --cache)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run_search)
     return p
@@ -96,6 +114,8 @@ def _check_args(args: argparse.Namespace) -> None:
     for flag in ("calib_priors", "calib_samples", "heldout_samples", "ref_steps"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.val_priors < 0:
+        raise ValueError("--val-priors must be at least 0")
     out = Path(args.out)
     if out.suffix.lower() != ".json":
         raise ValueError(f"--out {out} must be a .json file")
@@ -118,7 +138,11 @@ def _check_args(args: argparse.Namespace) -> None:
         steps_for_nfe(s, args.nfe, "denoise")
 
 
-def _analytic_sets(name: str, seeds: list[tuple[int, int]], n: int) -> list[Any]:
+def _analytic_sets(
+    name: str, seeds: list[tuple[int, int]], n: int, cache: Path | None = None
+) -> list[Any]:
+    """``(model, x_T, exact endpoint)`` per ``(prior seed, noise seed)``; with ``cache``
+    the endpoints are stored there, keyed by a hash of the starts and the prior."""
     import torch
 
     from .bench.tasks import TASKS, prior_for
@@ -131,10 +155,24 @@ def _analytic_sets(name: str, seeds: list[tuple[int, int]], n: int) -> list[Any]
         d = int(TASKS[name]["dim"])
         g = torch.Generator().manual_seed(noise_seed)
         x = p.prior_sample((n, d), g, dtype=torch.float64)
+        path = None
+        if cache is not None:
+            h = hashlib.sha1(x.numpy().tobytes())
+            h.update(f"{name}/{prior_seed}/{p.name}".encode())
+            for t in vars(model).values():
+                if isinstance(t, torch.Tensor):
+                    h.update(t.detach().cpu().contiguous().double().numpy().tobytes())
+            path = cache / f"endpoint-{h.hexdigest()[:20]}.pt"
+            if path.exists():
+                out.append((model, x, torch.load(path)))
+                continue
         if TASKS[name]["prior"] == "gaussian":
             ref = gaussian_endpoint_zero(model, x, p.t_max)
         else:
             ref = model.reference_zero(x, p.t_max)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(ref, path)
         out.append((model, x, ref))
     return out
 
@@ -168,7 +206,7 @@ def _network_reference(model: Any, x: Any, steps: int, cache: Path) -> Any:
     return ref
 
 
-def _network_sets(args: argparse.Namespace) -> tuple[list[Any], list[Any], str]:
+def _network_sets(args: argparse.Namespace) -> tuple[list[Any], list[Any], list[Any], str]:
     import torch
 
     from .bench.tasks import N_SAMPLES_NETWORK
@@ -184,32 +222,43 @@ def _network_sets(args: argparse.Namespace) -> tuple[list[Any], list[Any], str]:
 
     xc = starts(NETWORK_CALIB_SEED, args.calib_samples)
     cal = [(model, xc, _network_reference(model, xc, args.ref_steps, cache))]
+    val = []
+    if args.val_priors:
+        xv = starts(NETWORK_VAL_SEED, args.calib_samples)
+        val = [(model, xv, _network_reference(model, xv, args.ref_steps, cache))]
     xh = starts(1, min(args.heldout_samples, N_SAMPLES_NETWORK))
     held = [(model, xh, _network_reference(model, xh, BENCH_REFERENCE_STEPS, cache))]
     what = (
         f"digits: calibration {args.calib_samples} starts (seed {NETWORK_CALIB_SEED}) against "
-        f"a {args.ref_steps}-step dpmpp_3m solve; held out: the bench's digits-unet starts "
-        f"({xh.shape[0]}, seed 1) against its {BENCH_REFERENCE_STEPS}-step reference"
+        f"a {args.ref_steps}-step dpmpp_3m solve"
+        + (f" (validation: seed {NETWORK_VAL_SEED})" if val else "")
+        + f"; held out: the bench's digits-unet starts ({xh.shape[0]}, seed 1) against its "
+        f"{BENCH_REFERENCE_STEPS}-step reference"
     )
-    return cal, held, what
+    return cal, val, held, what
 
 
 def run_search(args: argparse.Namespace) -> int:
     _check_args(args)
-    from .solvers.search import Proxy, search
+    from .solvers.search import Proxy, Schedule, search
 
     start = time.perf_counter()
     if args.model in NETWORK_MODELS:
-        cal, held, what = _network_sets(args)
+        cal, val, held, what = _network_sets(args)
     else:
         seeds = [(CALIB_PRIOR_SEED + i, CALIB_NOISE_SEED + i) for i in range(args.calib_priors)]
-        cal = _analytic_sets(args.model, seeds, args.calib_samples)
+        cache = Path(args.cache) if args.cache else None
+        cal = _analytic_sets(args.model, seeds, args.calib_samples, cache)
+        vseeds = [(VAL_PRIOR_SEED + i, VAL_NOISE_SEED + i) for i in range(args.val_priors)]
+        val = _analytic_sets(args.model, vseeds, args.calib_samples, cache)
         held = _analytic_sets(
-            args.model, [(s, s + 1) for s in HELDOUT_PRIOR_SEEDS], args.heldout_samples
+            args.model, [(s, s + 1) for s in HELDOUT_PRIOR_SEEDS], args.heldout_samples, cache
         )
         what = (
             f"{args.model}: calibration priors seeds {seeds[0][0]}..{seeds[-1][0]} "
-            f"({args.calib_samples} starts each); held out: prior seed 0 with the bench's "
+            f"({args.calib_samples} starts each)"
+            + (f", validation priors seeds {vseeds[0][0]}..{vseeds[-1][0]}" if vseeds else "")
+            + "; held out: prior seed 0 with the bench's "
             f"starts (seed 1) and prior seed 1 (starts seed 2), {args.heldout_samples} each"
         )
     print(what, file=sys.stderr)
@@ -224,6 +273,8 @@ def run_search(args: argparse.Namespace) -> int:
         resume=args.resume,
         progress=False if args.no_progress else None,
         info={"model": args.model, "data": what},
+        validation=Proxy(val) if val else None,
+        seeds=[Schedule.load(f) for f in args.start],
     )
     rows = []
     for label, sch in (("start", res.start), ("searched", res.schedule)):

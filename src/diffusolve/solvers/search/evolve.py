@@ -17,15 +17,23 @@ early: a large final jump, as diffusers' ``final_sigmas_type="zero"``), on any p
 
 **Search** (:func:`search`): starting candidates (standard grids, and for USF the decision
 presets of UniPC / DPM-Solver++ with and without a lower-order final step; their best
-proxy is the "before" figure), then an AutoDiffusion / S3-style evolution (the best
-``population // 2`` are parents; children by Gaussian mutation of ``z``, per-decision
-resampling with probability 0.3, a flip of the final policy, and uniform per-step
-crossover), then descent on ``z`` of the best candidate with central finite-difference
-gradients (step ``FD_STEP``) and an adaptive step length: the proxy is a deterministic
-function of the grid, so this is gradient descent through the sampler, with differences
-instead of autograd (the solvers' coefficients are float64 Python numbers, which autograd
-does not see). The budget counts proxy evaluations (each one NFE-``n`` solve of every
-calibration set); repeated candidates are free.
+proxy is the "before" figure), then an AutoDiffusion / S3-style evolution
+(:data:`EVOLVE_SHARE` of the budget; the best ``population // 2`` are parents; children by
+Gaussian mutation of ``z``, per-decision resampling with probability 0.3, a flip of the
+final policy, and uniform per-step crossover), then descent on all continuous parameters
+(``z`` and the relaxation scales) of the best candidate of each of the
+:data:`REFINE_TOP` best plans ("families": the discrete choices), budget shared among
+them, then of the next plans while budget is left.
+
+The descent is L-BFGS-B with central finite-difference gradients (step ``FD_STEP``): the
+proxy is a deterministic function of the grid, so this is gradient descent through the
+sampler, with differences instead of autograd (the solvers' coefficients are float64
+Python numbers, which autograd does not see). With ``validation=`` (other calibration
+data), the result is the leader (best candidate of one of the :data:`SELECT_TOP` best
+families) with the lowest validation error, which keeps plans that fit the calibration
+sets' quirks (relaxation scales far from 1) from winning on the proxy alone. The budget
+counts proxy evaluations (each one NFE-``n`` solve of every calibration set); repeated
+candidates are free, validation solves are not counted.
 
 **Log.** With ``log=``, a JSONL file: a header (the proxy's fingerprint: a hash of the
 calibration data and references, the NFE and the search settings), then one line per
@@ -96,8 +104,10 @@ P_DECISION = 0.3
 P_Z, SIGMA_Z = 0.5, 0.3
 #: probability that a child flips the final policy
 P_FINAL = 0.1
-#: share of the budget spent by the evolution (the rest refines the best grid)
+#: share of the budget spent by the evolution (the rest refines the leaders)
 EVOLVE_SHARE = 0.6
+#: plans refined at a time and leaders compared on the validation data
+REFINE_TOP, SELECT_TOP = 2, 6
 #: the grids the search starts from (``"early"``: one more interval, the last one dropped)
 START_GRIDS = (("logsnr", "early"), ("time_quadratic", "early"), ("logsnr", "t_min"))
 LOG_FORMAT = "diffusolve-search-log/1"
@@ -410,35 +420,62 @@ def _cross(rng: random.Random, a: Candidate, b: Candidate) -> Candidate:
     return Candidate(z, dec, a.final if rng.random() < 0.5 else b.final)
 
 
-def _vector(c: Candidate) -> list[float]:
-    """The continuous parameters of a candidate: ``z`` and, for USF, the relaxation
-    scales of steps 1.. (step 0 has no derivative term)."""
-    scales = [] if c.decisions is None else [d.scale for d in c.decisions[1:]]
-    return [*c.z, *scales]
+def _family(c: Candidate) -> str:
+    """A candidate's discrete choices (decisions without their scales, final policy): the
+    refinement moves only the continuous parameters inside one family."""
+    dec = None
+    if c.decisions is not None:
+        dec = [(d.prediction, d.order, d.corrector, d.variant) for d in c.decisions]
+    return json.dumps([dec, c.final])
+
+
+def _vector(c: Candidate, scales: bool = True) -> list[float]:
+    """The continuous parameters of a candidate: ``z`` and, for USF with ``scales``, the
+    relaxation scales of steps 1.. (step 0 has no derivative term)."""
+    if c.decisions is None or not scales:
+        return list(c.z)
+    return [*c.z, *(d.scale for d in c.decisions[1:])]
 
 
 def _from_vector(c: Candidate, v: Sequence[float]) -> Candidate:
     n = len(c.z)
     z = tuple(_clip(float(x)) for x in v[:n])
     dec = c.decisions
-    if dec is not None:
+    if dec is not None and len(v) > n:
         scales = [dec[0].scale] + [_clip_scale(float(x)) for x in v[n:]]
         dec = tuple(dataclasses.replace(d, scale=s) for d, s in zip(dec, scales, strict=False))
     return Candidate(z, dec, c.final)
 
 
-def _refine(ev: _Evaluator, best: Candidate, trace: list[float]) -> None:
-    """L-BFGS-B (scipy) on the continuous parameters of ``best`` (decisions and final
-    fixed), with central finite-difference gradients; stops when the budget ends."""
+class _Cap(Exception):
+    pass
+
+
+def _refine(
+    ev: _Evaluator,
+    best: Candidate,
+    trace: list[float],
+    *,
+    scales: bool = True,
+    cap: int | None = None,
+) -> None:
+    """L-BFGS-B (scipy) on the continuous parameters of ``best`` (``z``, and the relaxation
+    scales when ``scales``; decisions and final fixed), with central finite-difference
+    gradients; stops after ``cap`` new proxy evaluations or when the budget ends."""
     from scipy.optimize import minimize
 
-    v0 = _vector(best)
+    v0 = _vector(best, scales)
     n = len(best.z)
     bounds = [(-Z_MAX, Z_MAX)] * n + [(SCALE_MIN, SCALE_MAX)] * (len(v0) - n)
+    stop = len(ev.scores) + (ev.left if cap is None else min(cap, ev.left))
+
+    def score(c: Candidate) -> float:
+        if c.key() not in ev.scores and len(ev.scores) >= stop:
+            raise _Cap
+        return ev(c)
 
     def fun(v):
-        c = _from_vector(best, v)
-        f = ev(c)
+        f = score(_from_vector(best, v))
         if not math.isfinite(f):
             return PENALTY, [0.0] * len(v)
         grad = []
@@ -446,13 +483,47 @@ def _refine(ev: _Evaluator, best: Candidate, trace: list[float]) -> None:
             up, dn = list(v), list(v)
             up[j] += FD_STEP
             dn[j] -= FD_STEP
-            fu, fd = ev(_from_vector(best, up)), ev(_from_vector(best, dn))
+            fu, fd = score(_from_vector(best, up)), score(_from_vector(best, dn))
             ok = math.isfinite(fu) and math.isfinite(fd)
             grad.append((fu - fd) / (2 * FD_STEP) if ok else 0.0)
         trace.append(min(f, trace[-1]) if trace else f)
         return f, grad
 
-    minimize(fun, v0, jac=True, method="L-BFGS-B", bounds=bounds, options={"maxiter": 10_000})
+    try:
+        minimize(fun, v0, jac=True, method="L-BFGS-B", bounds=bounds, options={"maxiter": 10_000})
+    except _Cap:
+        pass
+
+
+def _candidate_of(sch: Schedule, param: GridParam, mode: str, base: Solver) -> Candidate:
+    """The search candidate of a seed schedule (refuses one of another kind)."""
+    sch.check_process(param.process)
+    if len(sch.grid) != param.n + 1 or sch.final not in ("denoise", "zero"):
+        raise ValueError(
+            f"a seed schedule needs {param.n} steps and final 'denoise' or 'zero' here, "
+            f"got {len(sch.grid) - 1} steps and final {sch.final!r}"
+        )
+    if mode == "usf":
+        if sch.solver != "usf" or not sch.decisions:
+            raise ValueError("a USF search's seed must be a usf schedule with decisions")
+        return Candidate(param.encode(sch.grid_tensor()), tuple(sch.decisions), sch.final)
+    if sch.solver_object() != base:
+        raise ValueError(f"a timestep search of {base.name} needs seeds of that solver")
+    return Candidate(param.encode(sch.grid_tensor()), None, sch.final)
+
+
+def _leaders(ev: _Evaluator, k: int, skip: set[str] = frozenset()) -> list[Candidate]:
+    """The best candidate of each of the ``k`` best families (finite proxies only)."""
+    out: list[Candidate] = []
+    seen = set(skip)
+    for v, c in ev.ranked():
+        if not math.isfinite(v) or len(out) >= k:
+            break
+        f = _family(c)
+        if f not in seen:
+            seen.add(f)
+            out.append(c)
+    return out
 
 
 def search(
@@ -468,6 +539,8 @@ def search(
     resume: bool = False,
     progress: bool | None = None,
     info: dict[str, Any] | None = None,
+    validation: Proxy | None = None,
+    seeds: Sequence[Schedule] = (),
     on_result: Callable[[SearchResult], None] | None = None,
 ) -> SearchResult:
     """Search a schedule of ``nfe`` model evaluations on ``proxy``.
@@ -485,6 +558,12 @@ def search(
         log: a JSONL log (see the module docstring); ``resume`` continues one.
         progress: a tqdm bar (default: when stderr is a terminal).
         info: extra provenance stored in the schedules' ``info``.
+        validation: other calibration data (other priors or noise, never the held-out
+            sets): the result is the one of the :data:`SELECT_TOP` leading plans (the best
+            candidate of each) with the lowest error there, not the lowest proxy.
+        seeds: schedules to start from besides the standard ones (e.g. the winner of a
+            timestep search, given as a USF schedule); same process and NFE, and for a
+            timestep search the same solver.
     """
     process = proxy.process
     if isinstance(nfe, bool) or int(nfe) != nfe or nfe < 2:
@@ -528,6 +607,7 @@ def search(
             starts += [Candidate(z, None, f) for f in finals]
     if len(starts) > max(2, budget // 3):  # leave two thirds of a small budget to search
         starts = starts[: max(2, budget // 3)]
+    starts = [_candidate_of(sch, param, mode, base) for sch in seeds] + starts
     try:
         try:
             for c in starts:
@@ -549,13 +629,15 @@ def search(
                         child = _mutate(rng, rng.choice(parents), finals)
                     ev(child)
                 trace.append(ev.ranked()[0][0])
+            # the continuous parameters of the best few plans, then of the next ones
             done: set[str] = set()
             while ev.left > 2 * n:
-                best = next((c for _, c in ev.ranked() if c.key() not in done), None)
-                if best is None:
+                lead = _leaders(ev, REFINE_TOP, done)
+                if not lead:
                     break
-                done.add(best.key())
-                _refine(ev, best, trace)
+                for i, c in enumerate(lead):
+                    done.add(_family(c))
+                    _refine(ev, c, trace, cap=max(2 * n + 1, ev.left // (len(lead) - i)))
         except _Budget:
             pass
     finally:
@@ -565,6 +647,16 @@ def search(
     v0, i0 = min(start_scores)
     v1, best = ev.ranked()[0]
     meta = {**(info or {}), "mode": mode, "budget": budget, "seed": seed}
+    if validation is not None:
+        # the schedule is chosen among the best of each leading plan on other data
+        pool = _leaders(ev, SELECT_TOP) or [best]
+        scored = []
+        for c in pool:
+            val = validation(param.times(c.z), ev.solver(c), c.final)
+            scored.append((val, ev.scores[c.key()], c))
+        val, v1, best = min(scored, key=lambda r: (r[0], r[1]))
+        meta["validation"] = val
+        meta["validation_pool"] = [[p, v] for v, p, _ in scored]
 
     def schedule(c: Candidate, value: float, what: str) -> Schedule:
         return Schedule.for_solver(
