@@ -130,7 +130,7 @@ def test_summary_ratio():
 def test_bench_picks_best_setting_and_highlights(task_vp):
     out = run_bench(
         tasks=["gauss-d2-vp"], nfes=[6], n_samples=16, n_select=8, methods=["dpmpp_2m"],
-        schedulers=["DPM-Solver++ 2M"], quick=True, progress=False,
+        schedulers=["DPM-Solver++ 2M"], quick=True, progress=False, schedules=[],
     )  # fmt: skip
     ours, theirs = out["records"]
     assert ours["settings_tried"] == 18  # 3 ends x 2 grid kinds x 3 lower_order_final modes

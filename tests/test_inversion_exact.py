@@ -25,6 +25,9 @@ from diffusolve.models.analytic.conditional import ClassConditionalMixture
 from diffusolve.process import Process, ddpm, edm, make_grid, rectified_flow, vp_linear
 from diffusolve.solvers.base import BoundModel
 
+# small mixtures and batches of 2 digits: a second intra-op thread only waits
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 EXACT = ("edict", "bdia", "belm")
 PROCESSES = {"ddpm": ddpm, "vp": vp_linear, "rf": rectified_flow, "edm": edm}
 

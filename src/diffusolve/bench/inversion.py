@@ -492,7 +492,8 @@ def run_inversion(
     Example:
         >>> from diffusolve.bench.inversion import run_inversion
         >>> out = run_inversion(methods=["edict"], tasks=["gmm-d64"], cfgs=[3.0], steps=[5],
-        ...                     dtypes=["float64"], n_gmm=4, diffusers=False, progress=False)
+        ...                     dtypes=["float64"], n_gmm=4, diffusers=False, edit_tasks=[],
+        ...                     progress=False)
         >>> out["records"][0]["recon_error"] < 1e-10
         True
     """
