@@ -75,6 +75,34 @@ def unipc_weights(hh: Tensor, rks: list[Tensor], variant: str) -> tuple[Tensor, 
     return b_h, rho_p, rho_c
 
 
+def unipc_update(
+    f: ExpStep,
+    fac: float,
+    x_s: Tensor,
+    m0: Tensor,
+    past: list[tuple[Tensor, float]],
+    m_new: Tensor | None,
+    variant: str,
+    scale: float = 1.0,
+) -> Tensor:
+    """The UniP-q (``m_new is None``) or UniC-q update in the frame ``f`` of a step
+    ``s -> t``: ``m0`` the newest model output (at ``s``), ``past`` the older ones with
+    their ``r_k = (lambda_k - lambda_s) / h``, ``fac`` ``alpha_t`` (data prediction) or
+    ``-sigma_t`` (noise). ``scale`` multiplies the predictor's difference terms (the
+    searched relaxation of :mod:`~diffusolve.solvers.search.usf`; 1 for UniPC)."""
+    hh = f.z
+    rks = [r for _, r in past] + [1.0]
+    b_h, rho_p, rho_c = unipc_weights(torch.tensor(hh, dtype=torch.float64), rks, variant)
+    b_h_f = float(b_h)
+    rho = (rho_p if m_new is None else rho_c).tolist()
+    out = f.ratio * x_s - (fac * math.expm1(hh)) * m0
+    for k, (m_k, r_k) in enumerate(past):
+        out = out - (scale * fac * b_h_f * rho[k] / r_k) * (m_k - m0)
+    if m_new is not None:
+        out = out - (fac * b_h_f * rho[-1]) * (m_new - m0)
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class UniPCState:
     """UniPC's state: the history of outputs, the corrected state of the previous grid time
@@ -217,21 +245,11 @@ class UniPC(Solver):
         """
         f = ExpStep(model.scalars(t_s), model.scalars(t), self.prediction)
         h = f.h
-        hh = f.z
         fac = f.c if self.predict_x0 else -f.c  # alpha_t (data) or sigma_t (noise)
         m0 = hist.newest(0).out
         lam_s = hist.newest(0).lam
         past = [(hist.newest(k).out, (hist.newest(k).lam - lam_s) / h) for k in range(1, q)]
-        rks = [r for _, r in past] + [1.0]
-        b_h, rho_p, rho_c = unipc_weights(torch.tensor(hh, dtype=torch.float64), rks, self.variant)
-        b_h_f = float(b_h)
-        rho = (rho_p if m_new is None else rho_c).tolist()
-        out = f.ratio * x_s - (fac * math.expm1(hh)) * m0
-        for k, (m_k, r_k) in enumerate(past):
-            out = out - (fac * b_h_f * rho[k] / r_k) * (m_k - m0)
-        if m_new is not None:
-            out = out - (fac * b_h_f * rho[-1]) * (m_new - m0)
-        return out
+        return unipc_update(f, fac, x_s, m0, past, m_new, self.variant)
 
     def step(
         self,

@@ -38,13 +38,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from ..base import BoundModel, Solver, StepContext, check_choice, register
 from ..expint import PREDICTIONS, ExpStep
 from ..multistep import History
-from ..unipc import VARIANTS, unipc_weights
+from ..unipc import VARIANTS, unipc_update
 
 __all__ = ["Decision", "USF", "USFState", "ORDERS", "CORRECTORS"]
 
@@ -220,7 +219,7 @@ class USF(Solver):
         ``m_new is None``: predictor of order ``q`` (newest ``q`` records); else the UniC-q
         corrector (newest ``q`` records and ``m_new``, the output at ``t``)."""
         f = ExpStep(model.scalars(t_s), model.scalars(t), d.prediction)
-        h, hh = f.h, f.z
+        h = f.h
         fac = f.c if d.prediction == "data" else -f.c  # alpha_t (data) or sigma_t (noise)
         newest = hist.newest(0)
         m0 = getattr(newest, d.prediction)
@@ -228,17 +227,8 @@ class USF(Solver):
             (getattr(hist.newest(k), d.prediction), (hist.newest(k).lam - newest.lam) / h)
             for k in range(1, q)
         ]
-        rks = [r for _, r in past] + [1.0]
-        b_h, rho_p, rho_c = unipc_weights(torch.tensor(hh, dtype=torch.float64), rks, d.variant)
-        b_h_f = float(b_h)
-        rho = (rho_p if m_new is None else rho_c).tolist()
-        out = f.ratio * x_s - (fac * math.expm1(hh)) * m0
         scale = d.scale if m_new is None else 1.0
-        for k, (m_k, r_k) in enumerate(past):
-            out = out - (scale * fac * b_h_f * rho[k] / r_k) * (m_k - m0)
-        if m_new is not None:
-            out = out - (fac * b_h_f * rho[-1]) * (m_new - m0)
-        return out
+        return unipc_update(f, fac, x_s, m0, past, m_new, d.variant, scale)
 
     def step(
         self,
