@@ -283,6 +283,12 @@ def test_cli_search_writes_a_schedule(tmp_path, capsys):
     assert "start" in text and "searched" in text and "held-out 1" in text
     sch = Schedule.load(out)
     assert sch.nfe == 4 and sch.solver == "ddim" and len(sch.info["heldout"]) == 2
+    # the search cost is recorded for the bench's gain-vs-cost table
+    cost = sch.info["cost"]
+    assert 1 <= cost["proxy_evaluations"] <= 12 and cost["seconds"] >= 0
+    from diffusolve.bench.samplers import search_cost
+
+    assert search_cost(sch)["seconds"] == cost["seconds"]
     assert main([*argv, str(out), *small]) == 2
     assert "exists" in capsys.readouterr().err
     assert main(["search", "--model", "nope", "--out", str(tmp_path / "x.json")]) == 2

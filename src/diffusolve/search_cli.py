@@ -276,6 +276,8 @@ def run_search(args: argparse.Namespace) -> int:
         validation=Proxy(val) if val else None,
         seeds=[Schedule.load(f) for f in args.start],
     )
+    # what the search cost (references and the held-out report below excluded)
+    search_seconds = time.perf_counter() - start
     rows = []
     for label, sch in (("start", res.start), ("searched", res.schedule)):
         errs = [Proxy([s]).schedule_error(sch) for s in held]
@@ -284,6 +286,11 @@ def run_search(args: argparse.Namespace) -> int:
     sch.info["heldout"] = rows[1][2]
     sch.info["heldout_start"] = rows[0][2]
     sch.info["start"] = res.start.to_dict()
+    sch.info["cost"] = {
+        "proxy_evaluations": res.evaluations,
+        "new_proxy_evaluations": res.fresh,
+        "seconds": round(search_seconds, 1),
+    }
     sch.save(args.out, force=args.force)
     names = "  ".join(f"held-out {i}" for i in range(len(held)))
     print(f"{'':9s}  proxy      {names}")
