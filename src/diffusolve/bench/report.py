@@ -62,6 +62,16 @@ def _best(records: Iterable[dict[str, Any]], key: str = "rel_error") -> dict[str
     return min(ok, key=lambda r: r[key]) if ok else None
 
 
+def _record(
+    recs: Iterable[dict[str, Any]], library: str, method: str, nfe: int
+) -> dict[str, Any] | None:
+    """The record of ``method`` of ``library`` at ``nfe`` (``None`` when not run)."""
+    return next(
+        (r for r in recs if r["library"] == library and r["method"] == method and r["nfe"] == nfe),
+        None,
+    )
+
+
 def _ratio(a: dict[str, Any] | None, b: dict[str, Any] | None, key: str = "rel_error"):
     if a is None or b is None or not b[key] > 0:
         return None
@@ -186,14 +196,7 @@ def markdown_tables(result: dict[str, Any]) -> str:
             for method in dict.fromkeys(r["method"] for r in recs if r["library"] == lib):
                 cells = []
                 for n in nfes:
-                    r = next(
-                        (
-                            x
-                            for x in recs
-                            if x["library"] == lib and x["method"] == method and x["nfe"] == n
-                        ),
-                        None,
-                    )
+                    r = _record(recs, lib, method, n)
                     v = None if r is None else r["rel_error"]
                     c = fmt(v)
                     if r is not None and best[(lib, n)] is r:
@@ -282,14 +285,7 @@ def fd_table(result: dict[str, Any], task: str) -> str:
         for method in dict.fromkeys(r["method"] for r in recs if r["library"] == lib):
             cells = []
             for k in nfes:
-                r = next(
-                    (
-                        x
-                        for x in recs
-                        if x["library"] == lib and x["method"] == method and x["nfe"] == k
-                    ),
-                    None,
-                )
+                r = _record(recs, lib, method, k)
                 c = "--" if r is None or r.get("fd_digits") is None else f"{r['fd_digits']:.3g}"
                 if r is not None and any(r is b for b in best[k]):
                     c = f"**{c}**"
