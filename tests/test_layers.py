@@ -1,7 +1,8 @@
 """The import graph: imports point down the layers, and no package imports itself in a cycle.
 
 Layers (docs/architecture.md): process < models < solvers < guidance/inverse/sampling <
-inversion < edit < bench/train < the package top (``diffusolve.load``, the CLI, the demo).
+inversion/compose/analysis < edit < bench/train < the package top (``diffusolve.load``, the
+CLI, the demo).
 ``metrics``, ``images`` and the ``_paths`` helpers import no other diffusolve module, so any
 layer may use them. Every import counts, including the ones inside functions (lazy imports
 are still dependencies).
@@ -28,6 +29,8 @@ LAYERS = {
     "inverse": 3,
     "sampling": 3,
     "inversion": 4,
+    "compose": 4,
+    "analysis": 4,
     "edit": 5,
     "bench": 6,
     "train": 6,
