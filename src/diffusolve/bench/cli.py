@@ -131,6 +131,7 @@ def register(subparsers: Any) -> None:
     o.set_defaults(func=overhead_main, handler=overhead_main)
     _register_inverse(subparsers)
     _register_inversion(subparsers)
+    _register_guidance(subparsers)
 
 
 def _floats(text: str) -> list[float]:
@@ -276,6 +277,74 @@ def inversion_main(args: argparse.Namespace) -> int:
 
     return _run_report_bench(
         args, "inversion", _inversion_options, run_inversion, markdown_report, plot_results
+    )
+
+
+def _register_guidance(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "guidance",
+        help="guidance, composition and analysis against exact answers",
+        description=(
+            "Guidance on the bundled digits model (FD-digits against target-class accuracy "
+            "for every guidance method over its scale, same solver and NFE, judged by an "
+            "independent classifier); composition on Gaussian mixtures (SW of OR / AND / "
+            "product samples to exact targets with the noise floor; the Ito log-density "
+            "estimator against the exact noised log-density) and on digits ('3 OR 8', "
+            "'3 AND 8'); analysis (probability-flow log-likelihood against the exact GMM "
+            "log-density, intrinsic dimension on low-rank mixtures of known ranks, bits per "
+            "dimension, per-class dimension and conservativity of the digits model); which "
+            "attributes filtered image prompts transfer. Every finished job is appended to a "
+            "JSONL records file (--records); --resume continues. Writes DIR/guidance.md and "
+            "PNG plots."
+        ),
+    )
+    p.add_argument("--quick", action="store_true", help="small run, under 3 minutes")
+    p.add_argument("--out", metavar="DIR", default="bench-out", help="report and plots")
+    p.add_argument("--records", metavar="PATH.jsonl", help="default DIR/guidance.jsonl")
+    p.add_argument("--resume", action="store_true", help="continue the run in --records")
+    p.add_argument("--force", action="store_true", help="start over: overwrite outputs")
+    p.add_argument("--json", metavar="PATH", help="write the full result as JSON")
+    p.add_argument(
+        "--phases",
+        type=_csv,
+        help="phases to run (default all): digits, compose, density, compose-digits, "
+        "likelihood, intrinsic-dim, digits-analysis, transfer",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no per-job progress lines")
+    p.set_defaults(func=guidance_main, handler=guidance_main)
+
+
+def _guidance_options(args: argparse.Namespace) -> dict[str, Any]:
+    from .guidance import check_phases
+
+    try:
+        phases = check_phases(args.phases)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    out = Path(args.out)
+    _check_dir(out, "--out")
+    rec = Path(args.records) if args.records else out / "guidance.jsonl"
+    _check_file(rec, "--records", force=args.force, may_exist=args.resume)
+    if args.json:
+        _check_file(Path(args.json), "--json", force=args.force, may_exist=args.resume)
+        if rec.resolve() == Path(args.json).resolve():
+            raise UsageError(f"--records and --json are the same file {rec}")
+    return {
+        "phases": phases,
+        "quick": bool(args.quick),
+        "seed": int(args.seed),
+        "records": rec,
+        "resume": bool(args.resume),
+        "overwrite": bool(args.force),
+    }
+
+
+def guidance_main(args: argparse.Namespace) -> int:
+    from .guidance import markdown_report, plot_results, run_guidance
+
+    return _run_report_bench(
+        args, "guidance", _guidance_options, run_guidance, markdown_report, plot_results
     )
 
 
