@@ -49,6 +49,11 @@ class GaussianMixture(Denoiser, ODEReference):
             isotropic variances.
         process: the noise process.
         shape: optional sample shape (default ``(d,)``).
+        singular: allow rank-deficient covariances (eigenvalues ``>= 0``): each component is
+            then a Gaussian on an affine subspace of dimension ``rank C_k`` (a low-rank
+            mixture with known intrinsic dimensions). Everything at noise ``s > 0`` is exact
+            as before; :meth:`pf_drift_v` at ``v = 0`` and :meth:`reference_zero` (which
+            need ``C_k`` invertible) are refused. Default ``False``: positive definite only.
 
     Example:
         >>> import torch
@@ -70,6 +75,7 @@ class GaussianMixture(Denoiser, ODEReference):
         *,
         process: Process,
         shape: tuple[int, ...] | None = None,
+        singular: bool = False,
     ) -> None:
         w = torch.as_tensor(weights, dtype=torch.float64).flatten()
         k = w.numel()
@@ -94,8 +100,16 @@ class GaussianMixture(Denoiser, ODEReference):
             raise ValueError(
                 f"covs must be [K, d, d], [K, d] or [K] with K={k}, d={d}; got {tuple(covs.shape)}"
             )
-        if not torch.all(evals > 0):
-            raise ValueError("every covariance must be positive definite (all eigenvalues > 0)")
+        if singular:
+            if not torch.all(evals >= -1e-12 * evals.abs().max().clamp_min(1.0)):
+                raise ValueError("every covariance must be positive semi-definite")
+            evals = evals.clamp_min(0.0)
+        elif not torch.all(evals > 0):
+            raise ValueError(
+                "every covariance must be positive definite (all eigenvalues > 0); pass "
+                "singular=True for rank-deficient (low-rank) components"
+            )
+        self.singular = bool(singular)
         self.weights = w / w.sum()
         self.log_weights = torch.log(self.weights)
         self.means, self.evals, self.evecs = means, evals, evecs
@@ -256,6 +270,8 @@ class GaussianMixture(Denoiser, ODEReference):
         """
         xt = xt.reshape(xt.shape[0], -1).to(torch.float64)
         v = torch.as_tensor(v, dtype=torch.float64).reshape(-1)
+        if self.singular and bool(torch.any(v <= 0)) and float(self.evals.min()) <= 0:
+            raise ValueError("pf_drift_v needs v > 0 for rank-deficient covariances")
         if v.numel() == 1:
             v = v.expand(xt.shape[0])
         step = self._rows()
@@ -268,7 +284,14 @@ class GaussianMixture(Denoiser, ODEReference):
     @property
     def pf_v_scale(self) -> float:
         """The smallest component eigenvalue: the variance scale of the ODE near ``s = 0``."""
-        return float(self.evals.min())
+        lmin = float(self.evals.min())
+        if lmin <= 0:
+            raise ValueError(
+                "this mixture has rank-deficient covariances (singular=True): the "
+                "probability-flow drift is unbounded at s = 0, so there is no zero-noise "
+                "reference; solve to a positive noise level with ode_solve instead"
+            )
+        return lmin
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``n`` exact data samples (float64)."""
@@ -291,10 +314,12 @@ class GaussianMixture(Denoiser, ODEReference):
         *,
         process: Process,
         shape: tuple[int, ...] | None = None,
+        singular: bool = False,
     ) -> GaussianMixture:
         """A mixture with covariances ``C_k = evecs[k] diag(evals[k]) evecs[k]^T`` given by
         their eigendecompositions (none is computed; ``evecs`` ``[K, d, d]`` must have
         orthonormal columns and may be a broadcast view of one shared basis).
+        ``singular=True`` allows zero eigenvalues (low-rank components, see the class).
 
         Example:
             >>> import torch
@@ -306,7 +331,7 @@ class GaussianMixture(Denoiser, ODEReference):
             >>> torch.allclose(g.covs[0], q @ torch.diag(torch.tensor([1.0, 4.0]).double()) @ q.T)
             True
         """
-        out = cls(weights, means, evals, process=process, shape=shape)
+        out = cls(weights, means, evals, process=process, shape=shape, singular=singular)
         evecs = torch.as_tensor(evecs, dtype=torch.float64)
         if evecs.shape != (out.n_components, out.dim, out.dim):
             raise ValueError(
