@@ -199,7 +199,7 @@ def bits_per_dim(logp: Tensor, dim: int, *, scale: float = 1.0) -> Tensor:
 
     Example:
         >>> import math, torch
-        >>> round(float(bits_per_dim(torch.tensor([-2 * math.log(2)]), 2)), 12)
+        >>> round(float(bits_per_dim(torch.tensor([-2 * math.log(2)], dtype=torch.float64), 2)), 12)
         1.0
     """
     return -logp.to(torch.float64) / (dim * math.log(2)) + math.log2(scale)
