@@ -1,4 +1,5 @@
-"""``diffusolve train digits``, ``digits-tokens`` and ``digits-classifier`` (thin argparse layer)."""
+"""``diffusolve train digits``, ``digits-tokens``, ``digits-classifier`` and
+``digits-clean-classifier`` (thin argparse layer)."""
 
 from __future__ import annotations
 
@@ -52,6 +53,21 @@ def _classifier(args: argparse.Namespace) -> int:
     return _run(args, ClassifierConfig, train_classifier, outputs)
 
 
+def _clean_classifier(args: argparse.Namespace) -> int:
+    from .clean_classifier import CleanClassifierConfig, outputs, train_clean_classifier
+
+    _check_args(args, outputs(args.role))
+    cfg = CleanClassifierConfig(seed=args.seed, role=args.role)
+    for name in ("steps", "batch_size", "width"):
+        if getattr(args, name) is not None:
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+            setattr(cfg, name, getattr(args, name))
+    info = train_clean_classifier(cfg, args.out, progress=not args.quiet)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
 def _common(p: argparse.ArgumentParser, out: str = "digits-model", shipped: str = "digits") -> None:
     p.add_argument(
         "--steps", type=int, default=None, help="optimizer steps (default: the shipped recipe)"
@@ -101,6 +117,19 @@ def register(subparsers: Any) -> None:
     )
     _common(p)
     p.set_defaults(func=_classifier)
+    p = subparsers.add_parser(
+        "digits-clean-classifier",
+        help="off-the-shelf clean digits classifier (EluCD guide, or the independent judge)",
+    )
+    _common(p)
+    p.add_argument(
+        "--role",
+        choices=("guide", "judge"),
+        default="guide",
+        help="which file to write: clean_classifier.* (guide) or judge_classifier.* (judge)",
+    )
+    p.add_argument("--width", type=int, default=None, help="base width (default 16)")
+    p.set_defaults(func=_clean_classifier)
 
 
 def main(argv: list[str] | None = None) -> int:
