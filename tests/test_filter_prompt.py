@@ -239,3 +239,69 @@ def test_transfer_scores_of_the_reference_itself_and_of_a_shuffle():
     assert s2["cond_agreement"] == s["class_agreement"]
     with pytest.raises(ValueError, match="paired"):
         fp.transfer_scores(x[:3], x[:4], y[:4])
+
+
+@needs_loss_guidance
+def test_guidance_loss_is_the_squared_distance_of_filtered_images(model, refs):
+    x, _ = refs
+    g = fp._guided(model, fp.LowPass(1.0)(x), fp.LowPass(1.0), 0.5, True)
+    (term,) = g.terms
+    assert term.scale == 0.5 and term.through_denoiser
+    assert torch.equal(term.loss(x, None), torch.zeros(4))
+    # LowPass keeps constants: a shift by 1 costs H * W per image
+    assert torch.allclose(term.loss(x + 1.0, None), torch.full((4,), 256.0), atol=1e-3)
+
+
+# ---------------------------------------------------------------------------- bench phase
+def _bench(monkeypatch, keep):
+    from diffusolve.bench import guidance_transfer as gt
+    from diffusolve.bench.runner import RecordStore, run_jobs
+
+    monkeypatch.setitem(gt.CONFIG, True, {**gt.CONFIG[True], "n": 4, "steps": 4})
+    store = RecordStore(None, bench="guidance", key_fields=gt_key_fields())
+    jobs = [j for j in gt.jobs(quick=True, seed=0) if j.key["method"] in keep]
+    run_jobs(jobs, store)
+    return gt, store.records
+
+
+def gt_key_fields():
+    return ("bench", "phase", "task", "method", "setting")
+
+
+def test_bench_phase_trimmed(monkeypatch, tmp_path):
+    keep = {"baseline:reference", "baseline:unconditioned", "sdedit:edge"}
+    if HAS_LOSS_GUIDANCE:
+        keep.add("guidance:lowpass")
+    gt, recs = _bench(monkeypatch, keep)
+    for r in recs:
+        assert set(gt_key_fields()) <= set(r) and r["phase"] in gt.PHASES
+        assert r["bench"] == "guidance" and r["n"] == 4
+    ref = next(r for r in recs if r["method"] == "baseline:reference")["null"]
+    assert ref["bin_agreement"] == {"thickness": 1.0, "slant": 1.0, "size": 1.0}
+    methods = {r["method"] for r in recs}
+    assert methods == keep
+    titles = [t for t, _ in gt.tables(recs)]
+    assert len(titles) == 3 and all("|" in tab for _, tab in gt.tables(recs))
+    (goal,) = gt.goals(recs)
+    assert goal[1] is True and "edge:" in goal[2]
+    (png,) = gt.plots(recs, tmp_path)
+    assert png.exists() and png.stat().st_size > 0
+    # deterministic: the same jobs give the same records but for the timing
+    _, again = _bench(monkeypatch, {"sdedit:edge"})
+    from diffusolve.bench.runner import strip_timing
+
+    first = [strip_timing(r) for r in recs if r["method"] == "sdedit:edge"]
+    assert first == [strip_timing(r) for r in again]
+
+
+@pytest.mark.slow
+def test_bench_phase_quick_through_the_runner():
+    from diffusolve.bench import guidance_transfer as gt
+    from diffusolve.bench.runner import RecordStore, run_jobs
+
+    store = RecordStore(None, bench="guidance", key_fields=gt_key_fields())
+    run_jobs(gt.jobs(quick=True, seed=0), store)
+    assert len(gt.tables(store.records)) == 3 and len(gt.goals(store.records)) == 1
+    ident = store.select(method="sdedit:identity", setting="strength=0.1")[0]["null"]
+    chance = store.select(method="baseline:unconditioned")[0]["null"]
+    assert ident["class_agreement"] > chance["class_agreement"] + 0.3

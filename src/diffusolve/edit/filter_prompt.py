@@ -13,9 +13,17 @@ the reference conditions a pixel-space diffusion model directly, in one of two w
   ``sigma(t_max) eps`` (the reference's residual weight ``alpha(t_max)``, 0.0064 on the
   digits model, is dropped), which is plain sampling with the same noise, bitwise.
 - ``mode="guidance"``: from pure noise, every x0 estimate is pulled towards the filtered
-  reference by the loss ``L(x0) = mean_pixels (F(x0) - F(ref))^2`` (one value per sample)
-  through :class:`diffusolve.guidance.LossGuidance` (without differentiating through the
-  network: the loss gradient is taken with respect to ``x0_hat``), at ``scale``.
+  reference by the loss ``L(x0) = ||F(x0) - F(ref)||^2`` (summed over pixels, one value
+  per sample) through :class:`diffusolve.guidance.LossGuidance` at ``scale``. By default
+  the gradient goes through the denoiser (forward guidance, ``through_denoiser=True``):
+  its Jacobian is ``~ alpha C_post / sigma^2``, so the x0 shift ``s sigma^2 / alpha
+  J^T grad L`` stays bounded at high noise. The identity-Jacobian variant
+  (``through_denoiser=False``, shift ``s (sigma / alpha)^2 grad L``) multiplies the
+  gradient by ``(sigma / alpha)^2`` = 24,800 at the digits model's ``t_max``: with scales
+  small enough not to blow up the first steps it moved nothing later (measured on 48
+  held-out digits, 10 steps: the identity filter's class agreement stayed at the
+  unconditioned 0.19 for scales 1e-3 to 0.1 of the mean-pixel loss, against 0.92 at scale
+  0.3 through the denoiser).
 
 **Filters** are frozen dataclasses with their parameters, ``filter(images) -> images`` on
 ``[B, C, H, W]`` tensors, written in torch ops so that they are differentiable (they sit
@@ -348,7 +356,7 @@ def _check_strength(strength: Any) -> float:
     return s
 
 
-def _guided(model: Any, target: Tensor, filt: Filter, scale: float) -> Any:
+def _guided(model: Any, target: Tensor, filt: Filter, scale: float, through_denoiser: bool) -> Any:
     try:
         from ..guidance import LossGuidance
     except ImportError:
@@ -358,9 +366,9 @@ def _guided(model: Any, target: Tensor, filt: Filter, scale: float) -> Any:
         ) from None
 
     def loss(x0: Tensor, cond: Any = None) -> Tensor:
-        return (filt(x0) - target.to(x0.dtype)).pow(2).flatten(1).mean(1)
+        return (filt(x0) - target.to(x0.dtype)).pow(2).flatten(1).sum(1)
 
-    return LossGuidance(model, loss, scale, through_denoiser=False)
+    return LossGuidance(model, loss, scale, through_denoiser=through_denoiser)
 
 
 def filter_prompt(
@@ -377,6 +385,7 @@ def filter_prompt(
     noise: Any = 0,
     solver_noise: Any = None,
     grid_kind: str | None = None,
+    through_denoiser: bool = True,
 ) -> Tensor:
     """Generate images conditioned on ``filter(reference)``.
 
@@ -388,7 +397,9 @@ def filter_prompt(
             ``"guidance"`` (from pure noise, x0 pulled towards the filtered reference by
             ``LossGuidance`` at ``scale``); see the module docstring.
         strength: SDEdit start in ``[0, 1]`` (fraction of ``[t_min, t_max]``).
-        scale: guidance scale of the loss ``mean((F(x0) - F(ref))^2)`` (``>= 0``).
+        scale: guidance scale of the loss ``||F(x0) - F(ref)||^2`` (``>= 0``; 0 is plain
+            sampling). On digits 0.1-0.3 pull strongly; the edge preset (gradients x4)
+            diverges at 1.
         steps: solver steps of a full trajectory (SDEdit runs ``round(strength * steps)``).
         solver: a solver name or object.
         cond: the condition of every model call (a class; ``None``: the null class).
@@ -396,6 +407,8 @@ def filter_prompt(
             seeds, a ``torch.Generator`` or a noise source (as ``process.prior_sample``).
         solver_noise: the noise of a stochastic solver (``diffusolve.sample``'s ``noise``).
         grid_kind: the grid kind (default the solver's natural grid).
+        through_denoiser: guidance mode: differentiate the loss through the network
+            (default; one backward pass per evaluation) or take its gradient at ``x0_hat``.
 
     Returns:
         The generated images ``[B, C, H, W]``, deterministic for given seeds.
@@ -437,7 +450,9 @@ def filter_prompt(
         return sample(model, x_t, grid, solver, cond=cond, noise=solver_noise)
     scale = _positive("scale", scale, zero=True)
     x_t = process.prior_sample(shape, noise=noise, dtype=reference.dtype).to(reference.device)
-    guided = _guided(model, target.detach(), filt, scale) if scale > 0 else model
+    guided = model
+    if scale > 0:
+        guided = _guided(model, target.detach(), filt, scale, through_denoiser)
     grid = make_grid(process, steps, kind)
     return sample(guided, x_t, grid, solver, cond=cond, noise=solver_noise)
 
