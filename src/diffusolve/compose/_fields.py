@@ -113,8 +113,8 @@ class Experts:
                 )
             conds = list(cond)
             models = [models] * len(conds)
-        if len(models) < 2:
-            raise ValueError(f"composition needs at least two experts, got {len(models)}")
+        if len(models) < 1:
+            raise ValueError("composition needs at least one expert, got none")
         process = models[0].process
         ts = torch.linspace(process.t_min, process.t_max, 5, dtype=torch.float64)
         for m in models[1:]:

@@ -11,7 +11,11 @@ data densities (up to the tiny noise at ``t_min``).
   with the summed score ``sum_i s_i``; with ``mcmc=`` a kernel, ``n_steps`` MCMC moves
   targeting ``pi_t`` after the start and after every step.
 * Kernels (frozen dataclasses; step size ``eta_t = step_scale * sigma(t)^2``, the annealed
-  Langevin schedule of Song & Ermon 2019, eq. 6, with ``step_scale = epsilon / sigma_L^2``):
+  Langevin schedule of Song & Ermon 2019, eq. 6, with ``step_scale = epsilon / sigma_L^2``;
+  the adjusted kernels multiply it by a gain adapted after every move towards
+  ``target_accept``, carried across levels, since at low noise the target's scale stops
+  shrinking with ``sigma`` (the data's own spread) and a fixed ``sigma^2`` schedule freezes
+  the chain):
   :class:`ULA` (unadjusted Langevin: needs scores only, so it runs on networks),
   :class:`MALA` (Metropolis-adjusted) and :class:`HMC` (leapfrog, ``eps = sqrt(2 eta)``),
   which need the energy ``log pi_t``: available where every expert has ``log_prob(x, t)``
@@ -97,10 +101,15 @@ class _Kernel:
             raise ValueError(f"step_scale must be positive, got {self.step_scale}")
         if self.n_steps < 1:
             raise ValueError(f"n_steps must be at least 1, got {self.n_steps}")
+        acc = getattr(self, "target_accept", 0.5)
+        if not 0 < acc < 1:
+            raise ValueError(f"target_accept must lie in (0, 1), got {acc}")
+        if getattr(self, "adapt", 0.0) < 0:
+            raise ValueError("adapt must be >= 0 (0 keeps the step schedule fixed)")
 
-    def step_size(self, process: Process, t: float) -> float:
-        """``eta_t = step_scale * sigma(t)^2``."""
-        return self.step_scale * float(process.sigma(t)) ** 2
+    def step_size(self, process: Process, t: float, log_gain: float = 0.0) -> float:
+        """``eta_t = step_scale * exp(log_gain) * sigma(t)^2``."""
+        return self.step_scale * math.exp(log_gain) * float(process.sigma(t)) ** 2
 
     def options(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -120,6 +129,8 @@ class MALA(_Kernel):
     with the Metropolis-Hastings ratio; needs ``log pi_t``."""
 
     step_scale: float = 0.5
+    target_accept: float = 0.574
+    adapt: float = 1.0
     needs_energy: ClassVar[bool] = True
     name: ClassVar[str] = "mala"
 
@@ -132,6 +143,8 @@ class HMC(_Kernel):
 
     step_scale: float = 0.5
     leapfrog: int = 3
+    target_accept: float = 0.65
+    adapt: float = 1.0
     needs_energy: ClassVar[bool] = True
     name: ClassVar[str] = "hmc"
 
@@ -171,12 +184,16 @@ def _bshape(v: Tensor, x: Tensor) -> Tensor:
 
 
 def _mcmc(
-    kernel: _Kernel, target: _Target, x: Tensor, gen: torch.Generator
+    kernel: _Kernel, target: _Target, x: Tensor, gen: torch.Generator, gain: list[float]
 ) -> tuple[Tensor, float]:
-    """``kernel.n_steps`` moves on ``target``; returns ``(x, acceptance rate)``."""
-    eta = kernel.step_size(target.experts.process, target.t)
+    """``kernel.n_steps`` moves on ``target``; returns ``(x, acceptance rate)``.
+
+    ``gain[0]`` is the log step-size gain of the adjusted kernels, updated after every
+    move by ``adapt * (mean acceptance probability - target_accept)`` (carried from level
+    to level)."""
     acc = []
     for _ in range(kernel.n_steps):
+        eta = kernel.step_size(target.experts.process, target.t, gain[0])
         g = target.score(x)
         xi = torch.randn(x.shape, generator=gen, dtype=x.dtype)
         if isinstance(kernel, ULA):
@@ -205,6 +222,8 @@ def _mcmc(
         u = torch.rand(x.shape[0], generator=gen, dtype=torch.float64)
         ok = torch.log(u) < log_ratio.nan_to_num(nan=-math.inf)
         x = torch.where(_bshape(ok, x), y, x)
+        rate = float(torch.exp(log_ratio.nan_to_num(nan=-math.inf).clamp_max(0)).mean())
+        gain[0] += kernel.adapt * (rate - kernel.target_accept)
         acc.append(float(ok.double().mean()))
     return x, sum(acc) / len(acc)
 
@@ -246,8 +265,8 @@ def product_sample(
             Tweedie form of the summed score); ``"none"``: the state.
 
     Returns:
-        ``(samples, info)`` with ``info = {"nfe", "acceptance"}`` (mean acceptance per
-        level; 1 for ULA).
+        ``(samples, info)`` with ``info = {"nfe", "acceptance", "log_gain"}`` (mean
+        acceptance per level, 1 for ULA; the adjusted kernels' final log step gain).
 
     Raises:
         TypeError: a kernel that needs the energy (MALA, HMC) on experts without
@@ -288,8 +307,9 @@ def product_sample(
     gen = _generator(noise)
     calls = [0]
     acceptance = []
+    gain = [0.0]
     if mcmc is not None:
-        x, rate = _mcmc(mcmc, _Target(experts, float(grid[0]), calls), x, gen)
+        x, rate = _mcmc(mcmc, _Target(experts, float(grid[0]), calls), x, gen, gain)
         acceptance.append(rate)
     for i in range(grid.numel() - 1):
         t, tn = float(grid[i]), float(grid[i + 1])
@@ -302,7 +322,7 @@ def product_sample(
         else:
             x = x + (f * dt) * x - (0.5 * g2 * dt) * s
         if mcmc is not None:
-            x, rate = _mcmc(mcmc, _Target(experts, tn, calls), x, gen)
+            x, rate = _mcmc(mcmc, _Target(experts, tn, calls), x, gen, gain)
             acceptance.append(rate)
     if final == "denoise":
         t = float(grid[-1])
@@ -310,4 +330,4 @@ def product_sample(
         a, sg = float(process.alpha(t)), float(process.sigma(t))
         x = (x + sg * sg * s) / a
     per = 1 if experts.stacked else experts.size
-    return x, {"nfe": calls[0] * per, "acceptance": acceptance}
+    return x, {"nfe": calls[0] * per, "acceptance": acceptance, "log_gain": gain[0]}

@@ -94,7 +94,9 @@ __all__ = [
     "superdiff_sample",
 ]
 
-MODES = ("or", "and")
+#: ``"average"``: fixed ``kappa_i = 1 / M`` (the plain average of the outputs; with one
+#: model, plain reverse-SDE sampling): the baseline of the same sampler
+MODES = ("or", "and", "average")
 #: ``"ito"``: the derived estimator; ``"or_code"``: the reference OR branch's flipped
 #: quadratic term (only for the exact check that rejects it)
 FORMS = ("ito", "or_code")
@@ -270,7 +272,8 @@ def superdiff_sample(
             ``cond`` (then the network is called once per step on the stacked batch).
         x: ``[B, ...]`` start at ``grid[0]`` (e.g. ``process.prior_sample``).
         grid: decreasing times or a number of steps (``grid_kind`` grid, ``t_max -> t_min``).
-        mode: ``"or"`` (mixture) or ``"and"`` (equal densities).
+        mode: ``"or"`` (mixture), ``"and"`` (equal densities) or ``"average"`` (fixed
+            equal ``kappa``: the averaged outputs, the baseline on the same sampler).
         cond: one condition per expert.
         temperature: OR's ``T`` (paper default 1).
         log_weights: OR's ``log w_i`` (default equal).
@@ -309,6 +312,8 @@ def superdiff_sample(
         raise ValueError(f"temperature must be positive, got {temperature}")
     experts = Experts(models, cond)
     process, m, b = experts.process, experts.size, x.shape[0]
+    if m < 2 and mode != "average":
+        raise ValueError(f"mode {mode!r} composes at least two models; got {m}")
     grid = (
         make_grid(process, grid, grid_kind) if isinstance(grid, int) else check_grid(process, grid)
     )
@@ -351,8 +356,10 @@ def superdiff_sample(
         z = src(tuple(x.shape), dtype=x.dtype, device=x.device)
         if mode == "or":
             kappa = or_kappa(log_q, temperature, lw)
-        else:
+        elif mode == "and":
             kappa = and_kappa(scores, z, g2, dt)
+        else:
+            kappa = torch.full((m, b), 1.0 / m, dtype=torch.float64)
         s = (kappa.to(x.dtype).reshape(shape) * scores).sum(0)
         udt = (f * dt) * x - (g2 * dt) * s
         x_next = x + udt + (g2 * abs(dt)) ** 0.5 * z
