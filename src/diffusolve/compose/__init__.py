@@ -9,6 +9,7 @@
 """
 
 from ._fields import Experts, sde_coefficients
+from .check import ito_density_check
 from .product import HMC, KERNELS, MALA, ULA, product_of_mixtures, product_sample
 from .superdiff import (
     ESTIMATORS,
@@ -24,6 +25,7 @@ from .superdiff import (
 __all__ = [
     "Experts",
     "sde_coefficients",
+    "ito_density_check",
     "HMC",
     "KERNELS",
     "MALA",
