@@ -6,9 +6,7 @@ Everything works on the denoiser contract (``model(x, t, cond) -> x0`` with its
 (:mod:`._field`), so every process and every model (analytic or network) is handled alike.
 """
 
-from .likelihood import bits_per_dim, gaussian_prior, log_likelihood
-
-__all__ = ["log_likelihood", "bits_per_dim", "gaussian_prior"]
+from .conservativity import asymmetry
 from .intrinsic_dim import (
     component_samples,
     flipd_id,
@@ -16,6 +14,8 @@ from .intrinsic_dim import (
     low_rank_mixture,
     stanczuk_id,
 )
+from .likelihood import bits_per_dim, gaussian_prior, log_likelihood
 
+__all__ = ["log_likelihood", "bits_per_dim", "gaussian_prior"]
 __all__ += ["stanczuk_id", "flipd_id", "flow_jacobian_id", "low_rank_mixture"]
-__all__ += ["component_samples"]
+__all__ += ["component_samples", "asymmetry"]

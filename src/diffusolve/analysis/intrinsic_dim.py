@@ -195,6 +195,9 @@ def flow_jacobian_id(
     sigma_end: float = 0.2,
     steps: int = 4,
     method: str = "rk4",
+    start: str = "noised",
+    rule: str = "threshold",
+    seed: int = 0,
     dtype: torch.dtype = torch.float64,
     max_rows: int = 4096,
 ) -> tuple[Tensor, dict[str, Any]]:
@@ -202,16 +205,22 @@ def flow_jacobian_id(
 
     The probability-flow map ``phi`` from noise level ``s0 = sigma_start`` to
     ``s1 = sigma_end`` (``dy/du = y - D(y, e^u)``, ``u = log s``, ``steps`` fixed steps of
-    ``method``) started at the data point ``y = x0``; its Jacobian ``Y = d phi / d y``
+    ``method``) started at ``y = x0 + s0 z`` (``start="noised"``, ``z`` from ``seed``: a
+    typical state of the noised data at ``s0``, where a network was trained) or at
+    ``y = x0`` (``start="clean"``); its Jacobian ``Y = d phi / d y``
     (reverse mode through the solve, one replicated batch of ``D`` rows per point). The
     variational equation ``dY/du = (I - J_D) Y`` expands the normal directions
     (``J_D ~ 0`` there) by ``s1 / s0`` while a tangent direction of variance ``l`` grows by
     only ``sqrt((l + s1^2) / (l + s0^2))``: the inverse map (noise to data) has vanishing
     normal singular values and saturating tangent ones, the paper's criterion.
 
-    Rule: sort the singular values of ``Y`` in decreasing order; those above the largest
-    gap of their logarithms are the normal directions; ``ID = D - #normal``
-    (:func:`~._field.gap_rank`).
+    Rules (``rule``): ``"threshold"`` (default): a direction is normal when its singular
+    value exceeds ``sqrt(s1 / s0)``, half the normal expansion in ``log``; a tangent direction
+    of variance ``l`` stays below it exactly when ``l > s0 s1``
+    (``(l + s1^2) s0 < (l + s0^2) s1``), so the rule is exact on Gaussian components whose
+    tangent variances exceed ``s0 s1``. ``"gap"``: the values above the largest gap of
+    their logarithms are normal (:func:`~._field.gap_rank`; needs both groups present).
+    ``ID = D - #normal``.
 
     Hyper-parameters:
         sigma_start, sigma_end: the noise range; ``sigma_start^2`` small against the tangent
@@ -219,6 +228,11 @@ def flow_jacobian_id(
             ``log(sigma_end / sigma_start)``) while ``sigma_end^2`` stays below the tangent
             scale (else tangent directions expand too).
         steps, method: the fixed-step integrator (``euler``, ``heun``, ``rk4``).
+        start: ``"noised"`` (default) or ``"clean"``. For an exact model both give the same
+            answer (a Gaussian's flow is affine); a network evaluated at a clean point with
+            a noise level ``s0 > 0`` sees an input unlike its training data (measured on the
+            bundled digits model: ``tr J_D`` of -284 at a clean digit vs 49 at a noised one,
+            ``s = 0.02``).
 
     Returns:
         ``(id [B] float64, info)``; ``info["singular_values"] [B, D]``.
@@ -235,11 +249,19 @@ def flow_jacobian_id(
         raise ValueError(f"method must be one of {TABLEAUX}, got {method!r}")
     if not 0 < sigma_start < sigma_end:
         raise ValueError(f"need 0 < sigma_start < sigma_end, got {sigma_start}, {sigma_end}")
+    if rule not in ("threshold", "gap"):
+        raise ValueError(f"rule must be 'threshold' or 'gap', got {rule!r}")
     x0, d = _flat(x0, dtype)
     b = x0.shape[0]
     frame = Frame(model, cond, b)
     frame.time(sigma_start), frame.time(sigma_end)  # range check
     u0, u1 = math.log(sigma_start), math.log(sigma_end)
+    if start == "noised":
+        gen = torch.Generator().manual_seed(int(seed))
+        z = torch.randn(x0.shape, generator=gen, dtype=torch.float64).to(dtype)
+        x0 = x0 + sigma_start * z
+    elif start != "clean":
+        raise ValueError(f"start must be 'noised' or 'clean', got {start!r}")
 
     def flow(y: Tensor, rows: Tensor) -> Tensor:
         def f(u: float, z: Tensor) -> Tensor:
@@ -249,7 +271,10 @@ def flow_jacobian_id(
 
     jac = jacobian(flow, x0, max_rows=max_rows).to(torch.float64)
     sv = torch.linalg.svdvals(jac)
-    n = gap_rank(sv)
+    if rule == "threshold":
+        n = (sv > math.sqrt(sigma_end / sigma_start)).sum(1)
+    else:
+        n = gap_rank(sv)
     return (d - n).to(torch.float64), {"singular_values": sv, "normal_dim": n}
 
 
