@@ -1,0 +1,153 @@
+"""Products of experts: the exact product of mixtures, MCMC correction, capabilities; bench."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from diffusolve.compose import HMC, MALA, ULA, product_of_mixtures, product_sample
+from diffusolve.models import GaussianMixture
+from diffusolve.process import vp_linear
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(single_thread):
+    yield
+
+
+def _pair(d, seed=0):
+    p = vp_linear()
+    kw = dict(process=p, eig_range=(0.05, 0.3), mean_scale=0.8)
+    return (
+        GaussianMixture.random(d, 3, seed=seed + 1, **kw),
+        GaussianMixture.random(d, 2, seed=seed + 2, **kw),
+    )
+
+
+def _density(g, pts):  # the data density (t = 0 limit) of a mixture, float64 numpy
+    return torch.exp(g.log_prob(torch.as_tensor(pts), g.process.t_min)).numpy()
+
+
+def test_product_1d_matches_numerical_integration():
+    p = vp_linear()
+    a = GaussianMixture(torch.tensor([0.3, 0.7]), torch.tensor([[-1.0], [0.5]]),
+                        torch.tensor([0.2, 0.5]), process=p)  # fmt: skip
+    b = GaussianMixture(torch.tensor([0.6, 0.4]), torch.tensor([[0.0], [1.5]]),
+                        torch.tensor([0.3, 0.1]), process=p)  # fmt: skip
+    c = product_of_mixtures(a, b)
+    xs = np.linspace(-8, 8, 40001)[:, None]
+
+    def dens(g):  # exact data density from the components
+        w, m, v = g.weights.numpy(), g.means.numpy()[:, 0], g.covs.numpy()[:, 0, 0]
+        return (w * np.exp(-0.5 * (xs - m) ** 2 / v) / np.sqrt(2 * np.pi * v)).sum(1)
+
+    prod = dens(a) * dens(b)
+    z = np.trapezoid(prod, xs[:, 0])
+    assert np.allclose(dens(c), prod / z, atol=1e-10, rtol=1e-8)
+
+
+def test_product_2d_matches_numerical_integration():
+    a, b = _pair(2)
+    c = product_of_mixtures(a, b)
+    assert c.n_components == 6
+    g = np.linspace(-4, 4, 401)
+    pts = np.stack(np.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+    # log_prob at t_min is the data density up to the tiny noise; compare at equal noise:
+    # the product of exact component densities is what product_of_mixtures returns, so
+    # evaluate all three with covariances as given (t_min noise ~1e-7 relative)
+    prod = _density(a, pts) * _density(b, pts)
+    z = prod.sum() * (g[1] - g[0]) ** 2
+    rel = np.abs(_density(c, pts) - prod / z).max() / (prod / z).max()
+    assert rel < 1e-3
+
+
+def test_product_moments_match_importance_sampling():
+    a, b = _pair(2, seed=4)
+    c = product_of_mixtures(a, b)
+    x = a.sample(200000, torch.Generator().manual_seed(0))
+    w = torch.exp(b.log_prob(x, b.process.t_min) - b.log_prob(x, b.process.t_min).max())
+    w = w / w.sum()
+    ess = 1 / float((w * w).sum())
+    mean_is = (w[:, None] * x).sum(0)
+    mean_c = (c.weights[:, None] * c.means).sum(0)
+    assert ess > 300
+    tol = 5 * float(x.std(0).max()) / math.sqrt(ess)
+    assert torch.allclose(mean_is, mean_c, atol=tol)
+    assert not torch.allclose(mean_c, (a.weights[:, None] * a.means).sum(0), atol=tol)
+
+
+def test_energy_kernels_refuse_networks_with_a_clear_error():
+    from diffusolve.models.analytic.conditional import ClassConditionalMixture
+
+    p = vp_linear()
+    model = ClassConditionalMixture.random(2, 2, 2, process=p, seed=0)
+    x = p.prior_sample((4, 2), noise=0, dtype=torch.float64)
+    for kernel in (MALA(), HMC()):
+        with pytest.raises(TypeError, match="Use ULA"):
+            product_sample(model, x, 5, cond=[0, 1], mcmc=kernel, noise=0)
+    y, info = product_sample(model, x, 5, cond=[0, 1], mcmc=ULA(n_steps=1), noise=0)
+    assert y.shape == x.shape and info["nfe"] == 1 + 5 * 2 + 1  # stacked: one call each
+
+
+def test_kernel_options_are_validated():
+    with pytest.raises(ValueError, match="step_scale"):
+        ULA(step_scale=0)
+    with pytest.raises(ValueError, match="leapfrog"):
+        HMC(leapfrog=0)
+    with pytest.raises(ValueError, match="target_accept"):
+        MALA(target_accept=1.5)
+
+
+def test_hmc_corrects_the_naive_sum_on_a_gaussian_product():
+    # N(0, 1) x N(2, 1/4) ∝ N(1.6, 1/5): the naive summed-score SDE is off, HMC is exact
+    p = vp_linear()
+    a = GaussianMixture(torch.ones(1), torch.tensor([[0.0]]), torch.tensor([1.0]), process=p)
+    b = GaussianMixture(torch.ones(1), torch.tensor([[2.0]]), torch.tensor([0.25]), process=p)
+    c = product_of_mixtures(a, b)
+    assert float(c.means) == pytest.approx(1.6) and float(c.covs) == pytest.approx(0.2)
+    x = p.prior_sample((4000, 1), noise=torch.Generator().manual_seed(0), dtype=torch.float64)
+    naive, _ = product_sample([a, b], x, 40, noise=1)
+    fixed, info = product_sample([a, b], x, 40, mcmc=HMC(n_steps=3), noise=1)
+    se = 3 * math.sqrt(0.2 / 4000)
+    assert abs(float(fixed.mean()) - 1.6) < se
+    assert float(fixed.var()) == pytest.approx(0.2, rel=0.08)
+    assert abs(float(naive.var()) - 0.2) > 3 * abs(float(fixed.var()) - 0.2)
+    assert 0.4 < sum(info["acceptance"]) / len(info["acceptance"]) < 0.95
+
+
+def _store():
+    from diffusolve.bench.runner import RecordStore
+
+    return RecordStore(
+        None, bench="guidance", key_fields=("bench", "phase", "task", "method", "setting")
+    )
+
+
+def test_bench_density_jobs_through_the_runner():
+    from diffusolve.bench import guidance_compose as gc
+    from diffusolve.bench.runner import run_jobs
+
+    store = _store()
+    jobs = [j for j in gc.jobs(True, 0) if j.key["phase"] == "density" and "vp" in j.key["task"]]
+    assert all(set(j.key) == {"bench", "phase", "task", "method", "setting"} for j in jobs)
+    run_jobs(jobs, store)
+    titles = [t for t, _ in gc.tables(store.records)]
+    assert titles and "Ito" in titles[0]
+    (goal,) = gc.goals(store.records)
+    assert "1%" in goal[0] and "per-trajectory" in goal[2]
+    rec = store.records[-1]
+    assert rec["or_code_rel_error"] > 1 > 0.05 > rec["ito_rel_error"]
+
+
+@pytest.mark.slow
+def test_bench_quick_jobs_through_the_runner(tmp_path):
+    from diffusolve.bench import guidance_compose as gc
+    from diffusolve.bench.runner import run_jobs
+
+    store = _store()
+    run_jobs(gc.jobs(True, 0), store)
+    assert {r["phase"] for r in store.records} == set(gc.PHASES)
+    assert len(gc.tables(store.records)) == 3
+    assert len(gc.goals(store.records)) == 5
+    assert gc.plots(store.records, tmp_path)
