@@ -294,14 +294,14 @@ def _conservativity_job(t: float, per_class: int, classes: tuple[int, ...], seed
 
 def _digits_jobs(quick: bool, seed: int) -> Iterator[Job]:
     phase = "digits-analysis"
-    n_bpd, steps, probes = (1, 6, 1) if quick else (20, 12, 1)
+    n_bpd, steps, probes = (1, 6, 1) if quick else (8, 10, 1)
     for points in ("clean", "noised"):
         setting = f"{points},rk4-{steps},hutch{probes},n={10 * n_bpd}"
         job = _bpd_job(n_bpd, steps, probes, points, seed)
         yield Job(_key(phase, "digits", "bpd", setting), job, f"bpd {points}")
     classes = (0, 1) if quick else tuple(range(10))
     for method in ("stanczuk", "flipd", "flow"):
-        per = 1 if quick else (2 if method == "flow" else 3)
+        per = 1 if quick else 2
         s = ",".join(f"{k}={v}" for k, v in DIGITS_ID[method].items()) + f",n/class={per}"
         yield Job(
             _key(phase, "digits", f"id-{method}", s),
