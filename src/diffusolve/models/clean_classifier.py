@@ -10,7 +10,7 @@ shipped in ``assets/digits/``:
   *measure* target-class accuracy of guided samples (no guidance method ever uses it).
 
 Architecture: a 3x3 stem conv (width ``w``) + ReLU, then three stages (16x16, 8x8, 4x4; widths
-``w, 2w, 4w``) of one residual block each (conv-GroupNorm-ReLU-conv-GroupNorm, a strided
+``w, 2w, 4w``) of one residual block each (conv-GroupNorm-ReLU-conv-GroupNorm, ``gcd(8, width)`` groups, a strided
 1x1 projection on the shortcut when the shape changes, ReLU after the sum), global average
 pooling and a linear layer to the 10 logits.
 """
@@ -18,6 +18,7 @@ pooling and a linear layer to the 10 logits.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from torch import Tensor, nn
@@ -38,7 +39,7 @@ JUDGE_FILE = "judge_classifier"
 
 
 def _norm(c: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(8, c), c)
+    return nn.GroupNorm(math.gcd(8, c), c)
 
 
 class _ResBlock(nn.Module):
