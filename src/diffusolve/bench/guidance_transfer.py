@@ -208,54 +208,103 @@ def tables(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
         out.append((title, "\n".join(lines)))
     summary = _summary(rows)
     if summary:
-        head = ["filter", "class excess"] + [f"{a} excess" for a in attrs] + ["most transferred"]
+        head = ["filter", "class"] + [f"{a} r" for a in attrs] + [f"{a} bin" for a in attrs]
+        head += ["transfers most", "transfers least"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for filt, d in summary.items():
-            cells = [filt, _f(d["class"])] + [_f(d[a]) for a in attrs] + [d["best"]]
+            cells = [filt, _f(d["class"])] + [_f(d["r"][a]) for a in attrs]
+            cells += [_f(d["bin"][a]) for a in attrs] + [d["most"], d["least"]]
             lines.append("| " + " | ".join(cells) + " |")
         lines += [
             "",
-            "excess = the best bin agreement (class agreement) over the filter's modes and "
-            "settings minus the unconditioned baseline's (null-class generation).",
+            "Relative transfer = (filter - chance) / (identity - chance) of the class agreement, "
+            "the attributes' correlation r and bin agreement, averaged over the modes and "
+            "settings where the identity filter is at least 0.05 above chance (null-class "
+            "generation): 1 = as much as the unfiltered reference, 0 = chance, < 0 = pushed "
+            "away (a bin agreement below chance means a systematic shift, e.g. the blur "
+            "thickening strokes). Most / least: by r.",
         ]
-        out.append(("Filter prompts: excess over chance per filter", "\n".join(lines)))
+        out.append(("Filter prompts: relative transfer per filter", "\n".join(lines)))
     return out
 
 
+def _ratio(value: float, ident: float, chance: float) -> float | None:
+    den = ident - chance
+    return None if den < 0.05 else (value - chance) / den
+
+
+def _mean(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else None
+
+
 def _summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per non-identity filter: relative transfer (class, r and bin per attribute) against
+    the identity filter at the same mode and setting, both measured from chance."""
     base = next((r for r in rows if r["method"] == BASE_UNCOND), None)
     if base is None:
         return {}
     b = base["null"]
-    out: dict[str, dict[str, Any]] = {}
+    ident = {
+        (r["method"].split(":")[0], r["setting"]): r["null"]
+        for r in rows
+        if r["method"].endswith(":identity")
+    }
+    acc: dict[str, dict[str, Any]] = {}
     for r in rows:
-        if r["method"].startswith("baseline:"):
+        if r["method"].startswith("baseline:") or r["method"].endswith(":identity"):
             continue
-        filt = r["method"].split(":")[1]
+        mode, filt = r["method"].split(":")
+        i = ident.get((mode, r["setting"]))
+        if i is None:
+            continue
         s = r["null"]
-        d = out.setdefault(filt, {"class": -1.0, **{a: -1.0 for a in ATTRIBUTES}})
-        d["class"] = max(d["class"], s["class_agreement"] - b["class_agreement"])
+        d = acc.setdefault(filt, {"class": [], "r": {a: [] for a in ATTRIBUTES},
+                                  "bin": {a: [] for a in ATTRIBUTES}})  # fmt: skip
+        d["class"].append(_ratio(s["class_agreement"], i["class_agreement"], b["class_agreement"]))
         for a in ATTRIBUTES:
-            d[a] = max(d[a], s["bin_agreement"][a] - b["bin_agreement"][a])
-    for d in out.values():
-        d["best"] = max(ATTRIBUTES, key=lambda a: d[a])
+            d["r"][a].append(_ratio(s["correlation"][a], i["correlation"][a], b["correlation"][a]))
+            d["bin"][a].append(
+                _ratio(s["bin_agreement"][a], i["bin_agreement"][a], b["bin_agreement"][a])
+            )
+    out: dict[str, dict[str, Any]] = {}
+    for filt, d in acc.items():
+        r = {a: _mean(d["r"][a]) for a in ATTRIBUTES}
+        ranked = sorted((a for a in ATTRIBUTES if r[a] is not None), key=lambda a: -r[a])
+        if not ranked:
+            continue
+        out[filt] = {
+            "class": _mean(d["class"]),
+            "r": r,
+            "bin": {a: _mean(d["bin"][a]) for a in ATTRIBUTES},
+            "most": ranked[0],
+            "least": ranked[-1],
+        }
     return out
 
 
 def goals(records: list[dict[str, Any]]) -> list[tuple[str, bool, str]]:
-    """Informational: the most transferred stroke attribute per filter (no target)."""
+    """Informational: the most and least transferred stroke attribute per filter."""
     summary = _summary(_rows(records))
     if not summary:
         return []
     figure = "; ".join(
-        f"{filt}: {d['best']} (+{d[d['best']]:.2f} bin agreement, class +{d['class']:.2f})"
+        f"{filt}: most {d['most']} ({d['r'][d['most']]:.2f}), least {d['least']} "
+        f"({d['r'][d['least']]:.2f}), class {_f(d['class'])}"
         for filt, d in summary.items()
     )
-    return [("transfer: most transferred attribute per filter (informational)", True, figure)]
+    return [
+        (
+            "transfer: which attributes each filter transfers (correlation relative to the "
+            "unfiltered reference; informational)",
+            True,
+            figure,
+        )
+    ]
 
 
 def plots(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-    """One bar chart: excess bin agreement over chance per filter and attribute."""
+    """One bar chart: relative transfer (class agreement; attribute correlation) per filter."""
     summary = _summary(_rows(records))
     if not summary:
         return []
@@ -272,10 +321,12 @@ def plots(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     width = 0.8 / len(keys)
     for j, k in enumerate(keys):
         xs = [i + (j - (len(keys) - 1) / 2) * width for i in range(len(names))]
-        ax.bar(xs, [summary[n][k] for n in names], width, label=k)
+        vals = [summary[n]["class"] if k == "class" else summary[n]["r"][k] for n in names]
+        ax.bar(xs, [0.0 if v is None else v for v in vals], width, label=k)
     ax.axhline(0.0, color="k", lw=0.8)
+    ax.axhline(1.0, color="k", lw=0.8, ls=":")
     ax.set_xticks(range(len(names)), names)
-    ax.set_ylabel("agreement - chance (best setting)")
+    ax.set_ylabel("transfer relative to identity")
     ax.set_title("What a filtered image prompt transfers (digits, null class)")
     ax.legend(fontsize=8)
     fig.tight_layout()
