@@ -22,8 +22,10 @@ seeds), so rows differ only by the conditioning. FD-digits is not measured here 
 hundred samples give a biased FD; ``bench guidance`` phase ``digits`` has it).
 
 ``quick``: 16 references, 10 steps, SDEdit strengths 0.1 and 0.3, guidance scale 0.3
-(30 s on one thread of a loaded 2-core machine). Full: 120 references, 10 steps, strengths 0.1 / 0.2 / 0.3,
-guidance scales 0.1 and 0.3 (through the denoiser; 137 s on one thread, 253 s on a loaded machine). The guidance mode needs :class:`diffusolve.guidance.LossGuidance`;
+(30 s on one thread of a loaded 2-core machine). Full: 120 references, 10 steps,
+strengths 0.1 / 0.2 / 0.3, guidance scales 0.1 and 0.3 through the denoiser (137 s on
+one thread, 253 s on a loaded machine). The guidance mode needs
+:class:`diffusolve.guidance.LossGuidance`;
 without it those jobs are not produced and the tables say so.
 """
 
