@@ -9,9 +9,10 @@ the reference conditions a pixel-space diffusion model directly, in one of two w
   noised to ``t_start = t_min + strength * (t_max - t_min)``, ``x = alpha F(ref) + sigma
   eps``, and sampled from there to ``t_min`` in ``max(1, round(strength * steps))`` steps
   (at least the solver's ``min_steps``) under ``cond`` (a class, or ``None`` for the null
-  class). ``strength = 0`` returns ``F(ref)`` (no step, no evaluation); ``strength = 1`` starts from the prior draw
-  ``sigma(t_max) eps`` (the reference's residual weight ``alpha(t_max)``, 0.0064 on the
-  digits model, is dropped), which is plain sampling with the same noise, bitwise.
+  class). ``strength = 0`` returns ``F(ref)`` (no step, no evaluation); ``strength = 1``
+  starts from the prior draw ``sigma(t_max) eps`` (the reference's residual weight
+  ``alpha(t_max)``, 0.0064 on the digits model, is dropped), which is plain sampling with
+  the same noise, bitwise.
 - ``mode="guidance"``: from pure noise, every x0 estimate is pulled towards the filtered
   reference by the loss ``L(x0) = ||F(x0) - F(ref)||^2`` (summed over pixels, one value
   per sample) through :class:`diffusolve.guidance.LossGuidance` at ``scale``. By default
