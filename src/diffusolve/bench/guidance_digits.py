@@ -279,7 +279,8 @@ GOAL = "a guidance method that improves target accuracy at equal or better FD-di
 
 def goals(records: list[dict]) -> list[tuple[str, bool, str]]:
     """A method point dominates plain CFG when some CFG point has <= its accuracy and >= its
-    FD with one strict; the best such (largest accuracy gain) is reported."""
+    FD with one strict; the best such (largest judge-accuracy gain, then largest FD gain) is
+    reported."""
     pts = _points(records)
     cfg = pts.get("cfg", [])
     if not cfg:
@@ -295,7 +296,7 @@ def goals(records: list[dict]) -> list[tuple[str, bool, str]]:
                 ge = r["acc_judge"] >= c["acc_judge"] and r["fd"] <= c["fd"]
                 strict = r["acc_judge"] > c["acc_judge"] or r["fd"] < c["fd"]
                 if ge and strict:
-                    gain = r["acc_judge"] - c["acc_judge"]
+                    gain = (r["acc_judge"] - c["acc_judge"], c["fd"] - r["fd"])
                     if best is None or gain > best[0]:
                         best = (gain, method, r, c)
     if best is None:

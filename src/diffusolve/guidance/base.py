@@ -307,6 +307,8 @@ class Guided(Denoiser):
             return self._labels.labels(cond, x.shape[0], x.device)
         if self._tokens is not None:
             return self._tokens.embed(cond, x.shape[0], x.device)
+        if isinstance(cond, (int, list, tuple)) and isinstance(self.null_cond, Tensor):
+            return torch.as_tensor(cond, device=x.device)  # int labels, batched like the null
         return cond
 
     # ------------------------------------------------------------------ branches
