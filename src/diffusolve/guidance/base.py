@@ -256,6 +256,10 @@ class Guided(Denoiser):
         null_cond: the unconditional input; read from the model when it knows it (label and
             caption models, ``model.null_cond``). Needed only when a row's scale is not 1.
 
+    Autograd: without a ``needs_graph`` term the output keeps the caller's graph through the
+    network (term shifts are constants); with one, the network runs on a detached input that
+    requires gradients and the output is detached from the caller's graph.
+
     Example:
         >>> import torch
         >>> from diffusolve.guidance import Guided, ClassifierFreeGuidance
