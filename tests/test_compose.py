@@ -116,6 +116,65 @@ def test_hmc_corrects_the_naive_sum_on_a_gaussian_product():
     assert 0.4 < sum(info["acceptance"]) / len(info["acceptance"]) < 0.95
 
 
+def _unequal_modes():
+    # a: equal narrow modes at -2, 2; b: a narrow mode at -2 and a wide one at 2 (same
+    # weights): the product puts 0.83 on -2, but the noised experts overlap alike at both
+    # modes, so the annealed path splits them about evenly and local moves cannot fix it
+    p = vp_linear()
+    m, w = torch.tensor([[-2.0], [2.0]]), torch.tensor([0.5, 0.5])
+    a = GaussianMixture(w, m, torch.tensor([0.02, 0.02]), process=p)
+    b = GaussianMixture(w, m, torch.tensor([0.02, 1.0]), process=p)
+    # Z = sum_ij w_i w_j N(mu_i; mu_j, v_i + v_j) (the cross terms are ~e^-400 and e^-8)
+    z = sum(
+        0.25 * math.exp(-0.5 * (mi - mj) ** 2 / (vi + vj)) / math.sqrt(2 * math.pi * (vi + vj))
+        for mi, vi in ((-2, 0.02), (2, 0.02))
+        for mj, vj in ((-2, 0.02), (2, 1.0))
+    )
+    return a, b, math.log(z)
+
+
+def test_smc_recovers_unequal_mode_weights_and_the_normaliser():
+    from diffusolve.metrics import sliced_wasserstein, sw_noise_floor
+
+    a, b, log_z = _unequal_modes()
+    c = product_of_mixtures(a, b)
+    w_left = float(c.weights[c.means[:, 0] < 0].sum())
+    assert w_left == pytest.approx(0.8347, abs=1e-3)
+    n = 2000
+    x = a.process.prior_sample((n, 1), noise=torch.Generator().manual_seed(0), dtype=torch.float64)
+    plain, _ = product_sample([a, b], x, 60, mcmc=HMC(n_steps=2), noise=1)
+    y, info = product_sample([a, b], x, 60, mcmc=HMC(n_steps=2), noise=1, smc=True)
+    se = math.sqrt(w_left * (1 - w_left) / n)
+    frac = float((y[:, 0] < 0).double().mean())
+    assert abs(frac - w_left) < 4 * se  # resampling repeats inflate the binomial se a bit
+    assert abs(float((plain[:, 0] < 0).double().mean()) - w_left) > 15 * se
+    assert abs(info["log_z"] - log_z) < 0.2  # log ∫ q_1 q_2 at t_min = the closed form
+    assert 1 <= info["resampled"] <= len(info["ess"]) + 1 and min(info["ess"]) < 0.5
+    ref = c.sample(n, torch.Generator().manual_seed(5))
+    floor = sw_noise_floor(c.sample, n, repeats=3, seed=0)["mean"]
+    assert sliced_wasserstein(y, ref) < 2.5 * floor < sliced_wasserstein(plain, ref)
+
+
+def test_smc_is_deterministic_and_refuses_what_it_cannot_weight():
+    from diffusolve.models.analytic.conditional import ClassConditionalMixture
+
+    a, b, _ = _unequal_modes()
+    x = a.process.prior_sample((64, 1), noise=0, dtype=torch.float64)
+    y1, i1 = product_sample([a, b], x, 10, mcmc=MALA(), noise=3, smc=0.9)
+    y2, i2 = product_sample([a, b], x, 10, mcmc=MALA(), noise=3, smc=0.9)
+    assert torch.equal(y1, y2) and i1["log_z"] == i2["log_z"] and len(i1["ess"]) == 11
+    with pytest.raises(ValueError, match="ULA"):
+        product_sample([a, b], x, 5, mcmc=ULA(), noise=0, smc=True)
+    with pytest.raises(ValueError, match="sde"):
+        product_sample([a, b], x, 5, sampler="ode", noise=0, smc=True)
+    with pytest.raises(ValueError, match="ESS"):
+        product_sample([a, b], x, 5, noise=0, smc=1.5)
+    model = ClassConditionalMixture.random(2, 2, 2, process=a.process, seed=0)
+    x2 = a.process.prior_sample((4, 2), noise=0, dtype=torch.float64)
+    with pytest.raises(TypeError, match="ULA"):
+        product_sample(model, x2, 5, cond=[0, 1], noise=0, smc=True)
+
+
 def _store():
     from diffusolve.bench.runner import RecordStore
 

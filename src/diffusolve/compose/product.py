@@ -21,6 +21,23 @@ data densities (up to the tiny noise at ``t_min``).
   which need the energy ``log pi_t``: available where every expert has ``log_prob(x, t)``
   (analytic priors). The need is declared (``needs_energy``) and refused with a clear error.
   Du et al. report MALA/HMC beating ULA, with a handful of steps per level.
+* ``smc=``: sequential Monte Carlo (Del Moral, Doucet & Jasra, "Sequential Monte Carlo
+  samplers", JRSS-B 2006) on the same intermediate targets ``pi_k ∝ prod_i q_i,t_k``, as in
+  the annealed-importance-sampling composition of Zhang et al., "Product of experts for
+  visual generation" (arXiv 2506.08894): local MCMC moves fix the shape of every mode but
+  move mass between separated modes only slowly, so the weights between modes stay those of
+  the early, high-noise levels. Importance weights correct them. The reverse-SDE step with
+  the summed score is the proposal ``q(x' | x)``, with the forward Euler-Maruyama step of
+  the same variance as the backward kernel ``L(x | x')`` (the noising direction, as in the
+  particle denoising diffusion sampler of Phillips et al., ICML 2024), so the incremental
+  weight is ``pi_{k+1}(x') L(x | x') / (pi_k(x) q(x' | x))`` (Del Moral et al. 2006),
+  exact for any step size; the start is weighted by ``pi_0(x) / N(x; 0,
+  sigma(t_0)^2 I)`` (the prior of :meth:`~diffusolve.process.Process.prior_sample`).
+  Particles are resampled (systematic) when the effective sample size falls below
+  ``smc * N``; the MCMC kernel, invariant for ``pi_{k+1}``, then moves them without
+  changing the weights (it must be MALA or HMC: ULA is not invariant). The returned set is
+  resampled once more at the end, so it is equally weighted; ``info["log_z"]`` is the
+  unbiased (in ``Z``) estimate of ``log ∫ prod_i q_i,t_end(x) dx``.
 * :func:`product_of_mixtures`: the exact normalised product of two Gaussian mixtures (a
   mixture with ``K_a K_b`` components: precisions add, ``C = (C_i^-1 + C_j^-1)^-1``,
   ``mu = C (C_i^-1 mu_i + C_j^-1 mu_j)``, weights ``∝ w_i w_j N(mu_i; mu_j, C_i + C_j)``).
@@ -228,6 +245,38 @@ def _mcmc(
     return x, sum(acc) / len(acc)
 
 
+def _ess(logw: Tensor) -> float:
+    """Effective sample size ``1 / sum_j W_j^2`` of normalised weights, as a fraction of N."""
+    w = torch.softmax(logw, 0)
+    return float(1.0 / (w * w).sum()) / logw.numel()
+
+
+def _systematic(logw: Tensor, x: Tensor, gen: torch.Generator) -> Tensor:
+    """Systematic resampling (Kitagawa 1996; Douc, Cappe & Moulines 2005) of the particles
+    ``x`` by ``logw``: one uniform ``u`` from ``gen``; particle ``j`` of the result is the
+    one whose cumulative weight first reaches ``(u + j) / N``."""
+    n = logw.numel()
+    cdf = torch.cumsum(torch.softmax(logw, 0), 0)
+    cdf[-1] = 1.0
+    u = torch.rand(1, generator=gen, dtype=torch.float64)
+    pos = (u + torch.arange(n, dtype=torch.float64)) / n
+    idx = torch.searchsorted(cdf.to(torch.float64), pos).clamp(max=n - 1)
+    return x[idx.to(x.device)]
+
+
+def _check_smc(smc: Any) -> float | None:
+    if smc is None or smc is False:
+        return None
+    if smc is True:
+        return 0.5
+    if isinstance(smc, (int, float)) and 0 < float(smc) <= 1:
+        return float(smc)
+    raise ValueError(
+        f"smc must be None/False (no weights), True (resample below ESS 0.5 N) or the ESS "
+        f"fraction in (0, 1] below which particles are resampled, got {smc!r}"
+    )
+
+
 def _generator(noise: Any) -> torch.Generator:
     if isinstance(noise, torch.Generator):
         return noise
@@ -249,8 +298,9 @@ def product_sample(
     noise: Any = None,
     grid_kind: str = "logsnr",
     final: str = "denoise",
+    smc: bool | float | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
-    """Sample the product of experts by the summed score, optionally MCMC-corrected.
+    """Sample the product of experts by the summed score, optionally MCMC/SMC-corrected.
 
     Args:
         models, cond: the experts (as :func:`~diffusolve.compose.superdiff_sample`).
@@ -263,14 +313,28 @@ def product_sample(
         noise: an int seed or a ``torch.Generator`` (every draw comes from it).
         final: ``"denoise"``: ``(x + sigma^2 sum_i s_i) / alpha`` at ``grid[-1]`` (the
             Tweedie form of the summed score); ``"none"``: the state.
+        smc: ``None`` (default; no importance weights: the behaviour without this option),
+            ``True`` (sequential Monte Carlo resampling when the effective sample size
+            falls below ``0.5 N``, the customary threshold; Del Moral et al. 2006) or that
+            fraction in ``(0, 1]`` (1: resample at every level). The batch is the particle
+            population and ``x`` must come from the prior ``N(0, sigma(grid[0])^2 I)``
+            (:meth:`~diffusolve.process.Process.prior_sample`). Needs every expert's
+            energy, ``sampler="sde"`` and ``mcmc`` ``None``, :class:`MALA` or :class:`HMC`
+            (kernels that leave ``pi_t`` invariant). The samples are the final resampled
+            population (equally weighted, with repeats). Deterministic for the seed, but a
+            sample depends on the whole batch (resampling couples the particles).
 
     Returns:
         ``(samples, info)`` with ``info = {"nfe", "acceptance", "log_gain"}`` (mean
-        acceptance per level, 1 for ULA; the adjusted kernels' final log step gain).
+        acceptance per level, 1 for ULA; the adjusted kernels' final log step gain); with
+        ``smc`` also ``"ess"`` (the effective sample size fraction at every level before
+        resampling), ``"resampled"`` (how many levels resampled, the final one included)
+        and ``"log_z"`` (the estimate of ``log ∫ prod_i q_i,t(x) dx`` at ``grid[-1]``).
 
     Raises:
-        TypeError: a kernel that needs the energy (MALA, HMC) on experts without
-            ``log_prob`` (networks): use :class:`ULA`.
+        TypeError: a kernel that needs the energy (MALA, HMC), or ``smc``, on experts
+            without ``log_prob`` (networks): use :class:`ULA` without ``smc``.
+        ValueError: ``smc`` with ``sampler="ode"`` or with :class:`ULA`.
 
     Example:
         >>> import torch
@@ -283,6 +347,12 @@ def product_sample(
         >>> y, info = product_sample([a, b], x, 50, mcmc=MALA(), noise=1)
         >>> round(float(y.mean()), 1), round(float(y.var()), 1)  # the product N(1, 1/2)
         (1.0, 0.5)
+        >>> y, info = product_sample([a, b], x, 50, mcmc=MALA(), noise=1, smc=True)
+        >>> round(float(y.mean()), 1), round(float(y.var()), 1)
+        (1.0, 0.5)
+        >>> import math  # log Z = log ∫ N(x; 0, 1) N(x; 2, 1) dx = log N(0; 2, 2)
+        >>> abs(info["log_z"] - (-1 - math.log(4 * math.pi) / 2)) < 0.2
+        True
     """
     if sampler not in ("sde", "ode"):
         raise ValueError(f"sampler must be 'sde' or 'ode', got {sampler!r}")
@@ -301,13 +371,60 @@ def product_sample(
                 "GaussianMixture, without conditions, expose log_prob). Use ULA, which needs "
                 "scores only."
             )
+    ess_min = _check_smc(smc)
+    if ess_min is not None:
+        if not experts.has_energy:
+            names = ", ".join(sorted({type(m).__name__ for m in experts.models}))
+            raise TypeError(
+                f"smc weights particles by the energy log q_t(x) of every expert, but {names} "
+                "has none (only analytic priors such as GaussianMixture, without conditions, "
+                "expose log_prob). Use mcmc=ULA(...) without smc for networks."
+            )
+        if sampler != "sde":
+            raise ValueError(
+                "smc needs the stochastic proposal sampler='sde' (the ODE step has no "
+                "transition density to weight by)"
+            )
+        if isinstance(mcmc, ULA):
+            raise ValueError(
+                "smc needs an MCMC kernel that leaves pi_t invariant (MALA or HMC); ULA is "
+                "biased and would bias the weights. Use mcmc=MALA() or HMC(), or mcmc=None"
+            )
     grid = (
         make_grid(process, grid, grid_kind) if isinstance(grid, int) else check_grid(process, grid)
     )
     gen = _generator(noise)
     calls = [0]
-    acceptance = []
+    acceptance: list[float] = []
     gain = [0.0]
+    ess: list[float] = []
+    resampled = 0
+    log_z = 0.0
+    logw = torch.zeros(x.shape[0], dtype=torch.float64)
+
+    def reweight(inc: Tensor, x: Tensor) -> Tensor:
+        # log Z_{k+1} / Z_k ≈ log sum_j W_j inc_j (W the normalised weights before the step)
+        nonlocal logw, log_z, resampled
+        inc = inc.to(torch.float64).nan_to_num(nan=-math.inf)
+        log_z += float(torch.logsumexp(torch.log_softmax(logw, 0) + inc, 0))
+        logw = logw + inc
+        if not torch.isfinite(logw).any():
+            raise FloatingPointError("smc: every particle has zero weight")
+        ess.append(_ess(logw))
+        if ess[-1] < ess_min - 1e-12:
+            x = _systematic(logw, x, gen)
+            logw = torch.zeros_like(logw)
+            resampled += 1
+        return x
+
+    if ess_min is not None:
+        t0 = float(grid[0])
+        s0 = float(process.sigma(t0))
+        d = x[0].numel()
+        log_prior = -0.5 * _sum(x * x).double() / (s0 * s0) - d * (
+            math.log(s0) + 0.5 * math.log(2 * math.pi)
+        )
+        x = reweight(_Target(experts, t0, calls).log_prob(x).double() - log_prior, x)
     if mcmc is not None:
         x, rate = _mcmc(mcmc, _Target(experts, float(grid[0]), calls), x, gen, gain)
         acceptance.append(rate)
@@ -318,16 +435,34 @@ def product_sample(
         f, g2 = sde_coefficients(process, t)
         if sampler == "sde":
             z = torch.randn(x.shape, generator=gen, dtype=x.dtype)
-            x = x + (f * dt) * x - (g2 * dt) * s + math.sqrt(g2 * abs(dt)) * z
+            var = g2 * abs(dt)
+            xn = x + (f * dt) * x - (g2 * dt) * s + math.sqrt(var) * z
+            if ess_min is not None:
+                # q(x'|x) = N(x'; x + (f x - g^2 s) dt, var); L(x|x') = N(x; x' - f x' dt,
+                # var), the forward Euler-Maruyama step: the normalisers cancel
+                log_q = -0.5 * _sum(z * z).double()
+                back = x - xn + (f * dt) * xn
+                log_l = -0.5 * _sum(back * back).double() / var
+                lp = _Target(experts, t, calls).log_prob(x).double()
+                lpn = _Target(experts, tn, calls).log_prob(xn).double()
+                xn = reweight(lpn - lp + log_l - log_q, xn)
+            x = xn
         else:
             x = x + (f * dt) * x - (0.5 * g2 * dt) * s
         if mcmc is not None:
             x, rate = _mcmc(mcmc, _Target(experts, tn, calls), x, gen, gain)
             acceptance.append(rate)
+    if ess_min is not None and _ess(logw) < 1 - 1e-12:
+        x = _systematic(logw, x, gen)
+        logw = torch.zeros_like(logw)
+        resampled += 1
     if final == "denoise":
         t = float(grid[-1])
         s = _Target(experts, t, calls).score(x)
         a, sg = float(process.alpha(t)), float(process.sigma(t))
         x = (x + sg * sg * s) / a
     per = 1 if experts.stacked else experts.size
-    return x, {"nfe": calls[0] * per, "acceptance": acceptance, "log_gain": gain[0]}
+    info: dict[str, Any] = {"nfe": calls[0] * per, "acceptance": acceptance, "log_gain": gain[0]}
+    if ess_min is not None:
+        info.update(ess=ess, resampled=resampled, log_z=log_z)
+    return x, info
