@@ -199,6 +199,25 @@ def test_bench_density_jobs_through_the_runner():
     assert rec["or_code_rel_error"] > 1 > 0.05 > rec["ito_rel_error"]
 
 
+def test_bench_compose_goal_needs_one_variant_on_every_task():
+    from diffusolve.bench import guidance_compose as gc
+
+    def rec(task, method, ratio):
+        return {"bench": "guidance", "phase": "compose", "task": task, "method": method,
+                "ratio_product": ratio}  # fmt: skip
+
+    recs = [rec(t, "naive-sde", 5.0) for t in ("a", "b")]
+    recs += [rec("a", "hmc", 1.5), rec("b", "hmc", 3.0), rec("a", "smc-hmc", 2.5)]
+    recs += [rec("b", "smc-hmc", 1.0)]  # each task has a variant within 2x, no variant both
+    (goal,) = gc.goals(recs)
+    assert not goal[1] and "no variant" in goal[2]
+    recs[-2] = rec("a", "smc-hmc", 1.9)
+    (goal,) = gc.goals(recs)
+    assert goal[1] and goal[2].startswith("met by smc-hmc")
+    recs[0] = rec("a", "naive-sde", 1.8)  # the naive sum within 2x: not the case
+    assert not gc.goals(recs)[0][1]
+
+
 @pytest.mark.slow
 def test_bench_quick_jobs_through_the_runner(tmp_path):
     from diffusolve.bench import guidance_compose as gc

@@ -2,7 +2,10 @@
 
 * ``compose``: two random Gaussian mixtures per task (``d = 2`` and ``d = 8``; wide
   components so the product is non-trivial), sampled by SuperDiff OR / AND, the naive score
-  sum (reverse SDE and ODE) and the MCMC-corrected sum (ULA; HMC with the exact energy).
+  sum (reverse SDE and ODE) and the MCMC-corrected sum (ULA; HMC with the exact energy;
+  ``smc-hmc``: sequential Monte Carlo, the summed-score SDE step weighted and resampled,
+  then two HMC moves per level). The goal is judged per MCMC-corrected variant: it holds
+  when one variant is within 2x of the floor on every task (the record names which).
   Sliced Wasserstein (SW) to exact samples of the target next to the SW noise floor (two
   exact sets of the same size): OR's target is the equal mixture; the products' is the
   closed-form normalised product (:func:`~diffusolve.compose.product_of_mixtures`).
@@ -67,8 +70,25 @@ def _equal_mixture(a: Any, b: Any) -> Any:
     )
 
 
+_COMPOSE_METHODS = ("or", "and", "naive-sde", "naive-ode", "ula", "hmc", "smc-hmc")
+#: the MCMC-corrected methods and their settings (step scale x moves per level, leapfrog)
+_MCMC = {"ula": ",ula(0.1x5)", "hmc": ",hmc(0.5x5,L=3)", "smc-hmc": ",smc(ess<0.5),hmc(0.5x2,L=3)"}
+
+
+def _kernels() -> dict[str, Any]:
+    from ..compose import HMC, ULA
+
+    return {
+        "naive-sde": None,
+        "naive-ode": None,
+        "ula": ULA(0.1, 5),
+        "hmc": HMC(0.5, 5, 3),
+        "smc-hmc": HMC(0.5, 2, 3),
+    }
+
+
 def _compose_run(d: int, seed: int, method: str, n: int, steps: int, levels: int) -> dict:
-    from ..compose import HMC, ULA, product_of_mixtures, product_sample, superdiff_sample
+    from ..compose import product_of_mixtures, product_sample, superdiff_sample
     from ..metrics import sliced_wasserstein, sw_noise_floor
 
     a, b = _pair(d, seed)
@@ -81,8 +101,7 @@ def _compose_run(d: int, seed: int, method: str, n: int, steps: int, levels: int
         y, sd = superdiff_sample([a, b], x, steps, method, noise=gen)
         info["nfe"] = sd.nfe
     else:
-        kernel = {"naive-sde": None, "naive-ode": None, "ula": ULA(0.1, 5), "hmc": HMC(0.5, 5, 3)}
-        k = kernel[method]
+        k = _kernels()[method]
         y, pi = product_sample(
             [a, b],
             x,
@@ -90,10 +109,13 @@ def _compose_run(d: int, seed: int, method: str, n: int, steps: int, levels: int
             mcmc=k,
             sampler="ode" if method == "naive-ode" else "sde",
             noise=gen,
+            smc=True if method == "smc-hmc" else None,
         )
         info["nfe"] = pi["nfe"]
         if pi["acceptance"]:
             info["acceptance"] = sum(pi["acceptance"]) / len(pi["acceptance"])
+        if "ess" in pi:
+            info["resampled"], info["min_ess"] = pi["resampled"], min(pi["ess"])
     out: dict[str, Any] = dict(info)
     for name, target in (("product", prod), ("mixture", mix)):
         ref = target.sample(n, torch.Generator().manual_seed(seed + 7))
@@ -178,13 +200,9 @@ def jobs(quick: bool, seed: int) -> Iterator[Job]:
     for s in seeds:
         for d in dims:
             task = f"gmm-d{d}-s{s}"
-            for method in ("or", "and", "naive-sde", "naive-ode", "ula", "hmc"):
-                lv = levels if method in ("ula", "hmc") else steps
-                setting = f"n={n},steps={lv}"
-                if method == "ula":
-                    setting += ",ula(0.1x5)"
-                elif method == "hmc":
-                    setting += ",hmc(0.5x5,L=3)"
+            for method in _COMPOSE_METHODS:
+                lv = levels if method in _MCMC else steps
+                setting = f"n={n},steps={lv}" + _MCMC.get(method, "")
                 yield Job(
                     _key("compose", task, method, setting),
                     lambda st, d=d, s=s, m=method: _compose_run(d, s, m, n, steps, levels),
@@ -234,6 +252,7 @@ def tables(records: list[dict]) -> list[tuple[str, str]]:
                 r["sw_product"], r["floor_product"], r["ratio_product"],
                 r["sw_mixture"], r["floor_mixture"], r["ratio_mixture"],
                 r["logq_gap"], r.get("acceptance"),
+                f"{r['resampled']} ({r['min_ess']:.2f})" if "resampled" in r else None,
             ]
             for r in comp
         ]  # fmt: skip
@@ -244,7 +263,7 @@ def tables(records: list[dict]) -> list[tuple[str, str]]:
                     [
                         "task", "method", "setting", "NFE", "SW product", "floor", "ratio",
                         "SW equal mixture", "floor", "ratio", "mean abs(log q1 - log q2)",
-                        "acceptance",
+                        "acceptance", "SMC resamplings (min ESS / N)",
                     ],
                     rows,
                 ),
@@ -336,23 +355,31 @@ def goals(records: list[dict]) -> list[tuple[str, bool, str]]:
     comp = [r for r in recs if r["phase"] == "compose"]
     tasks = sorted({r["task"] for r in comp})
     if tasks:
-        lines, ok = [], True
+        lines, ok, judged = [], True, {}
         for task in tasks:
             by = {r["method"]: r for r in comp if r["task"] == task}
-            if not {"hmc", "ula", "naive-sde"} <= set(by):
+            mc = [m for m in _MCMC if m in by]
+            if not mc or "naive-sde" not in by:
                 continue
-            best = min(by["hmc"]["ratio_product"], by["ula"]["ratio_product"])
             naive = min(
                 by["naive-sde"]["ratio_product"],
                 by.get("naive-ode", by["naive-sde"])["ratio_product"],
             )
-            ok &= best <= 2.0 < naive
-            lines.append(f"{task}: MCMC {best:.2f}x, naive {naive:.2f}x")
+            per = ", ".join(f"{m} {by[m]['ratio_product']:.2f}x" for m in mc)
+            lines.append(f"{task}: {per}; naive {naive:.2f}x")
+            ok &= naive > 2.0
+            for m in mc:
+                judged[m] = judged.get(m, True) and by[m]["ratio_product"] <= 2.0
+        # one variant must hold on every task (not the best per task, which would pick the
+        # luckiest of three noisy ratios each time)
+        best = [m for m in _MCMC if judged.get(m)]
+        ok &= bool(best)
+        which = f"met by {', '.join(best)} on every task" if best else "no variant on every task"
         out.append(
             (
                 "the MCMC-corrected product within 2x of the SW floor where the naive sum is not",
                 ok,
-                "; ".join(lines),
+                f"{which}; " + "; ".join(lines),
             )
         )
         ors = [r for r in comp if r["method"] == "or"]

@@ -36,7 +36,8 @@ data densities (up to the tiny noise at ``t_min``).
   Particles are resampled (systematic) when the effective sample size falls below
   ``smc * N``; the MCMC kernel, invariant for ``pi_{k+1}``, then moves them without
   changing the weights (it must be MALA or HMC: ULA is not invariant). The returned set is
-  resampled once more at the end, so it is equally weighted; ``info["log_z"]`` is the
+  resampled once more at the end, so it is equally weighted, and the kernel moves it once
+  more to spread the repeats; ``info["log_z"]`` is the
   unbiased (in ``Z``) estimate of ``log ∫ prod_i q_i,t_end(x) dx``.
 * :func:`product_of_mixtures`: the exact normalised product of two Gaussian mixtures (a
   mixture with ``K_a K_b`` components: precisions add, ``C = (C_i^-1 + C_j^-1)^-1``,
@@ -321,7 +322,7 @@ def product_sample(
             (:meth:`~diffusolve.process.Process.prior_sample`). Needs every expert's
             energy, ``sampler="sde"`` and ``mcmc`` ``None``, :class:`MALA` or :class:`HMC`
             (kernels that leave ``pi_t`` invariant). The samples are the final resampled
-            population (equally weighted, with repeats). Deterministic for the seed, but a
+            population (equally weighted; one more kernel move spreads the repeats). Deterministic for the seed, but a
             sample depends on the whole batch (resampling couples the particles).
 
     Returns:
@@ -456,6 +457,9 @@ def product_sample(
         x = _systematic(logw, x, gen)
         logw = torch.zeros_like(logw)
         resampled += 1
+        if mcmc is not None:  # spread the repeats (the kernel keeps pi_{t_end})
+            x, rate = _mcmc(mcmc, _Target(experts, float(grid[-1]), calls), x, gen, gain)
+            acceptance.append(rate)
     if final == "denoise":
         t = float(grid[-1])
         s = _Target(experts, t, calls).score(x)
