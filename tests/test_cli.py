@@ -74,7 +74,9 @@ def test_demo_quick(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
     report = (out / "report.md").read_text()
     assert "FD-digits" in report and "Exact reference" in report
-    assert len(list(out.glob("*.png"))) >= 10
+    assert "Guidance and composition" in report and "3 AND 8" in report
+    assert (out / "guidance.png").is_file() and (out / "compose.png").is_file()
+    assert len(list(out.glob("*.png"))) >= 12
     captured = capsys.readouterr()
     assert "report.md" in captured.out
     # without a terminal: one line per stage on stderr
