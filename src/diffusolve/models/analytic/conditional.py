@@ -18,12 +18,13 @@ import torch
 from torch import Tensor
 
 from ..base import Denoiser
+from ._move import Movable
 from .gmm import GaussianMixture
 
 __all__ = ["ClassConditionalMixture"]
 
 
-class ClassConditionalMixture(Denoiser):
+class ClassConditionalMixture(Movable, Denoiser):
     """A class-conditional mixture built from one :class:`GaussianMixture`.
 
     Args:
@@ -43,8 +44,15 @@ class ClassConditionalMixture(Denoiser):
         (torch.Size([3, 4]), tensor([2]))
     """
 
+    _anchor = "classes_anchor"
+
+    @property
+    def classes_anchor(self) -> Tensor:
+        """The tensor whose device and dtype are the model's (the mixture's means)."""
+        return self.mixture.means
+
     def __init__(self, mixture: GaussianMixture, classes: Tensor) -> None:
-        classes = torch.as_tensor(classes, dtype=torch.long).flatten()
+        classes = torch.as_tensor(classes, dtype=torch.long, device=mixture.device).flatten()
         if classes.numel() != mixture.n_components:
             raise ValueError(
                 f"classes must give one class per component ({mixture.n_components}), got "
@@ -62,7 +70,7 @@ class ClassConditionalMixture(Denoiser):
         self.classes = classes
         self.num_classes = n
         #: the null label as a tensor (what classifier-free guidance concatenates)
-        self.null_cond = torch.tensor([n])
+        self.null_cond = torch.tensor([n], device=mixture.device)
         self.parts = [self._part(classes == c) for c in range(n)] + [mixture]
 
     def _part(self, keep: Tensor) -> GaussianMixture:
@@ -85,7 +93,7 @@ class ClassConditionalMixture(Denoiser):
         """``cond`` as a ``[batch]`` long tensor (``None`` = the null class)."""
         if cond is None:
             cond = self.num_classes
-        y = torch.as_tensor(cond)
+        y = torch.as_tensor(cond, device=self.device)
         if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
             raise TypeError(f"class labels must be integers, got dtype {y.dtype}")
         y = y.to(torch.long).reshape(-1)
@@ -100,19 +108,19 @@ class ClassConditionalMixture(Denoiser):
         return y
 
     def denoise(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
-        y = self.labels(cond, x.shape[0])
+        y = self.labels(cond, x.shape[0]).to(x.device)
         t = torch.as_tensor(t, dtype=torch.float64)
         out = torch.empty_like(x)
         for c in torch.unique(y).tolist():
             idx = y == c
-            tc = t if t.ndim == 0 else t.reshape(-1)[idx]
+            tc = t if t.ndim == 0 else t.reshape(-1)[idx.to(t.device)]
             out[idx] = self.parts[c](x[idx], tc).to(x.dtype)
         return out
 
     def sample(self, n: int, cond: Any = None, generator: torch.Generator | None = None) -> Tensor:
-        """``n`` exact data samples of class ``cond`` (float64)."""
+        """``n`` exact data samples of class ``cond`` (the mixture's dtype and device)."""
         y = self.labels(cond, n)
-        out = torch.empty((n,) + tuple(self.shape), dtype=torch.float64)
+        out = torch.empty((n,) + tuple(self.shape), dtype=self.dtype, device=self.device)
         for c in torch.unique(y).tolist():
             idx = y == c
             out[idx] = self.parts[c].sample(int(idx.sum()), generator=generator)

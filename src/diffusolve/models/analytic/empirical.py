@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ...process import Process
 from ..base import Denoiser
+from ._move import Movable
 from .gaussian import chunked_apply
 from .reference import ODEReference
 
@@ -29,11 +30,12 @@ __all__ = ["Empirical"]
 _CHUNK_ELEMENTS = 1 << 22
 
 
-class Empirical(Denoiser, ODEReference):
+class Empirical(Movable, Denoiser, ODEReference):
     """Exact prior of the uniform distribution over ``data`` (``[N, *shape]``).
 
     Args:
-        data: ``[N, ...]`` training points (copied to float64).
+        data: ``[N, ...]`` training points (copied to float64, on their device;
+            ``to(device, dtype)`` gives a moved copy).
         process: the noise process.
 
     Example:
@@ -46,6 +48,8 @@ class Empirical(Denoiser, ODEReference):
         >>> emp(torch.tensor([[1.0, 1.0]]), 50.0)  # large noise: the mean
         tensor([[1., 1.]])
     """
+
+    _anchor = "data"
 
     def __init__(self, data: Tensor, *, process: Process) -> None:
         data = torch.as_tensor(data, dtype=torch.float64)
@@ -63,7 +67,7 @@ class Empirical(Denoiser, ODEReference):
             raise ValueError(
                 f"expected samples of shape [B, {', '.join(map(str, self.shape))}], got {tuple(x.shape)}"
             )
-        return x.reshape(x.shape[0], -1).to(torch.float64)
+        return self._input(x)
 
     def _logits(self, xt: Tensor, s2: Tensor) -> Tensor:
         """``-||x~ - x_i||^2 / (2 s^2)`` up to a per-row constant: ``[b, N]``."""
@@ -80,11 +84,12 @@ class Empirical(Denoiser, ODEReference):
         def fn(xt: Tensor, a: Tensor, s2: Tensor) -> Tensor:
             return torch.softmax(self._logits(xt, s2), dim=-1) @ self.data
 
-        return self._apply(fn, x, t).reshape(x.shape).to(x.dtype)
+        return self._apply(fn, x, t).reshape(x.shape).to(device=x.device, dtype=x.dtype)
 
     def weights(self, x: Tensor, t: Tensor | float) -> Tensor:
         """Posterior probabilities of the training points ``p(x_i | x_t = x)``, ``[B, N]``."""
-        return self._apply(lambda xt, a, s2: torch.softmax(self._logits(xt, s2), -1), x, t)
+        w = self._apply(lambda xt, a, s2: torch.softmax(self._logits(xt, s2), -1), x, t)
+        return w.to(x.device)
 
     def score(self, x: Tensor, t: Tensor | float) -> Tensor:
         """``grad_x log p_t(x)``."""
@@ -93,10 +98,10 @@ class Empirical(Denoiser, ODEReference):
             d = torch.softmax(self._logits(xt, s2), dim=-1) @ self.data
             return (d - xt) / (a * s2)
 
-        return self._apply(fn, x, t).reshape(x.shape).to(x.dtype)
+        return self._apply(fn, x, t).reshape(x.shape).to(device=x.device, dtype=x.dtype)
 
     def log_prob(self, x: Tensor, t: Tensor | float) -> Tensor:
-        """``log p_t(x)`` per sample, ``[B]`` (float64)."""
+        """``log p_t(x)`` per sample, ``[B]`` (the prior's dtype, on ``x``'s device)."""
 
         def fn(xt: Tensor, a: Tensor, s2: Tensor) -> Tensor:
             lse = torch.logsumexp(self._logits(xt, s2), dim=-1)
@@ -104,12 +109,13 @@ class Empirical(Denoiser, ODEReference):
             log_norm = 0.5 * self.dim * torch.log(2 * math.pi * s2[:, 0] * a[:, 0] ** 2)
             return lse - quad - math.log(self.n_points) - log_norm
 
-        return self._apply(fn, x, t)
+        return self._apply(fn, x, t).to(x.device)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``n`` exact data samples: training points drawn uniformly with replacement."""
-        idx = torch.randint(self.n_points, (n,), generator=generator)
-        return self.data[idx].reshape((n,) + self.shape)
+        gdev = generator.device if generator is not None else "cpu"
+        idx = torch.randint(self.n_points, (n,), generator=generator, device=gdev)
+        return self.data[idx.to(self.device)].reshape((n,) + self.shape)
 
     def posterior(self, operator: Any, y: Tensor, sigma_y: float) -> Empirical:
         """Exact posterior ``p(x0 | y)`` for ``y = A x0 + sigma_y eps`` with a linear operator

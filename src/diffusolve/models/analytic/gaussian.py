@@ -19,13 +19,14 @@ from torch import Tensor
 
 from ...process import Process, as_time
 from ..base import Denoiser
+from ._move import Movable
 
 __all__ = ["Gaussian"]
 
 
-def _col(v: Tensor, n: int) -> Tensor:
-    """Shape a 0-d or [B] float64 coefficient as [B, 1] (or [1, 1])."""
-    v = v.to(torch.float64)
+def _col(v: Tensor, n: int, like: Tensor) -> Tensor:
+    """Shape a 0-d or [B] coefficient as [B, 1] (or [1, 1]) on ``like``'s device and dtype."""
+    v = v.to(device=like.device, dtype=like.dtype)
     return v.reshape(-1, 1) if v.ndim else v.reshape(1, 1).expand(n, 1)
 
 
@@ -34,8 +35,8 @@ def chunked_apply(process: Process, fn: Any, xf: Tensor, t: Tensor | float, rows
     with per-row ``a = alpha(t)`` and ``s2 = (sigma / alpha)^2`` shaped ``[b, 1]``."""
     n = xf.shape[0]
     t = as_time(t)
-    a = _col(process.alpha(t), n)
-    s = _col(process.sigma_tilde(t), n)
+    a = _col(process.alpha(t), n, xf)
+    s = _col(process.sigma_tilde(t), n, xf)
     step = max(1, int(rows))
     outs = [
         fn(xf[i : i + step] / a[i : i + step], a[i : i + step], s[i : i + step] ** 2)
@@ -44,11 +45,12 @@ def chunked_apply(process: Process, fn: Any, xf: Tensor, t: Tensor | float, rows
     return torch.cat(outs)
 
 
-class Gaussian(Denoiser):
+class Gaussian(Movable, Denoiser):
     """Exact Gaussian prior on ``R^d`` (samples of any shape with ``prod(shape) == d``).
 
     Args:
-        mean: ``[d]``.
+        mean: ``[d]`` (the prior computes in float64 on ``mean``'s device; ``to(device,
+            dtype)`` gives a moved copy).
         cov: ``[d, d]`` symmetric positive definite, or ``[d]`` for a diagonal.
         process: the noise process.
         shape: optional sample shape (default ``(d,)``).
@@ -62,6 +64,8 @@ class Gaussian(Denoiser):
         tensor([[0.5000, 0.8000]])
     """
 
+    _anchor = "mean"
+
     def __init__(
         self,
         mean: Tensor,
@@ -72,11 +76,11 @@ class Gaussian(Denoiser):
     ) -> None:
         mean = torch.as_tensor(mean, dtype=torch.float64).flatten()
         d = mean.numel()
-        cov = torch.as_tensor(cov, dtype=torch.float64)
+        cov = torch.as_tensor(cov, dtype=torch.float64, device=mean.device)
         if cov.ndim == 1:
             if cov.numel() != d:
                 raise ValueError(f"diagonal cov has {cov.numel()} entries, mean has {d}")
-            evals, evecs = cov.clone(), torch.eye(d, dtype=torch.float64)
+            evals, evecs = cov.clone(), torch.eye(d, dtype=torch.float64, device=mean.device)
             cov = torch.diag(cov)
         elif cov.shape == (d, d):
             if not torch.allclose(cov, cov.T, atol=1e-10):
@@ -99,11 +103,11 @@ class Gaussian(Denoiser):
             raise ValueError(
                 f"expected samples of shape [B, {', '.join(map(str, self.shape))}], got {tuple(x.shape)}"
             )
-        return x.reshape(x.shape[0], -1).to(torch.float64)
+        return self._input(x)
 
     def _st(self, t: Tensor, n: int) -> tuple[Tensor, Tensor]:
-        t = as_time(t)
-        return _col(self.process.alpha(t), n), _col(self.process.sigma_tilde(t), n)
+        t, m = as_time(t), self.mean
+        return _col(self.process.alpha(t), n, m), _col(self.process.sigma_tilde(t), n, m)
 
     # ------------------------------------------------------------ contract
     def denoise(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
@@ -111,31 +115,41 @@ class Gaussian(Denoiser):
         a, s = self._st(t, xf.shape[0])
         y = (xf / a - self.mean) @ self.evecs
         d = self.mean + (y * (self.evals / (self.evals + s * s))) @ self.evecs.T
-        return d.reshape(x.shape).to(x.dtype)
+        return d.reshape(x.shape).to(device=x.device, dtype=x.dtype)
 
     def score(self, x: Tensor, t: Tensor | float) -> Tensor:
         """``grad_x log p_t(x)``."""
         xf = self._flat(x)
         t = as_time(t)
-        a, sig = _col(self.process.alpha(t), xf.shape[0]), _col(self.process.sigma(t), xf.shape[0])
+        a, sig = (
+            _col(self.process.alpha(t), xf.shape[0], xf),
+            _col(self.process.sigma(t), xf.shape[0], xf),
+        )
         y = (xf - a * self.mean) @ self.evecs
         g = -(y / (a * a * self.evals + sig * sig)) @ self.evecs.T
-        return g.reshape(x.shape).to(x.dtype)
+        return g.reshape(x.shape).to(device=x.device, dtype=x.dtype)
 
     def log_prob(self, x: Tensor, t: Tensor | float) -> Tensor:
-        """``log p_t(x)`` per sample, ``[B]`` (float64)."""
+        """``log p_t(x)`` per sample, ``[B]`` (the prior's dtype, on ``x``'s device)."""
         xf = self._flat(x)
         t = as_time(t)
-        a, sig = _col(self.process.alpha(t), xf.shape[0]), _col(self.process.sigma(t), xf.shape[0])
+        a, sig = (
+            _col(self.process.alpha(t), xf.shape[0], xf),
+            _col(self.process.sigma(t), xf.shape[0], xf),
+        )
         var = a * a * self.evals + sig * sig
         y = (xf - a * self.mean) @ self.evecs
-        return -0.5 * (
+        out = -0.5 * (
             (y * y / var).sum(1) + torch.log(var).sum(1) + self.dim * math.log(2 * math.pi)
         )
+        return out.to(x.device)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """``n`` exact data samples (float64)."""
-        z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        """``n`` exact data samples (in the prior's dtype, on its device; drawn in float64
+        on the generator's device)."""
+        gdev = generator.device if generator is not None else "cpu"
+        z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64, device=gdev)
+        z = z.to(device=self.device, dtype=self.dtype)
         x = self.mean + (z * self.evals.sqrt()) @ self.evecs.T
         return x.reshape((n,) + self.shape)
 
@@ -147,7 +161,7 @@ class Gaussian(Denoiser):
         y = (xf / a - self.mean) @ self.evecs
         y1 = y * torch.sqrt((self.evals + s1 * s1) / (self.evals + s * s))
         out = a1 * (self.mean + y1 @ self.evecs.T)
-        return out.reshape(x.shape).to(x.dtype)
+        return out.reshape(x.shape).to(device=x.device, dtype=x.dtype)
 
     def reference(
         self, x: Tensor, t: Tensor | float, t_end: Tensor | float, final: str = "denoise"

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ...process import Process
 from ..base import Denoiser
+from ._move import Movable
 from .gaussian import chunked_apply
 from .reference import ODEReference
 
@@ -39,11 +40,12 @@ _PRUNE = 60.0  # skip (row, component) pairs with responsibility provably below 
 _Term = tuple[int, "Tensor | None", Tensor, Tensor]
 
 
-class GaussianMixture(Denoiser, ODEReference):
+class GaussianMixture(Movable, Denoiser, ODEReference):
     """Exact Gaussian-mixture prior on ``R^d`` (samples of any shape with ``prod(shape) == d``).
 
     Args:
-        weights: ``[K]`` positive mixture weights (normalised here).
+        weights: ``[K]`` positive mixture weights (normalised here). The mixture computes
+            in float64 on the device of ``means``; ``to(device, dtype)`` gives a moved copy.
         means: ``[K, d]``.
         covs: ``[K, d, d]`` full symmetric positive definite, ``[K, d]`` diagonal or ``[K]``
             isotropic variances.
@@ -67,6 +69,8 @@ class GaussianMixture(Denoiser, ODEReference):
         tensor([[0.]])
     """
 
+    _anchor = "means"
+
     def __init__(
         self,
         weights: Tensor,
@@ -77,9 +81,9 @@ class GaussianMixture(Denoiser, ODEReference):
         shape: tuple[int, ...] | None = None,
         singular: bool = False,
     ) -> None:
-        w = torch.as_tensor(weights, dtype=torch.float64).flatten()
-        k = w.numel()
         means = torch.as_tensor(means, dtype=torch.float64)
+        w = torch.as_tensor(weights, dtype=torch.float64, device=means.device).flatten()
+        k = w.numel()
         if means.ndim != 2 or means.shape[0] != k:
             raise ValueError(
                 f"means must be [K, d] with K={k} (from weights); got {tuple(means.shape)}"
@@ -87,7 +91,7 @@ class GaussianMixture(Denoiser, ODEReference):
         if not torch.all(w > 0):
             raise ValueError("mixture weights must be positive")
         d = means.shape[1]
-        covs = torch.as_tensor(covs, dtype=torch.float64)
+        covs = torch.as_tensor(covs, dtype=torch.float64, device=means.device)
         if covs.shape == (k,):
             evals, evecs = covs[:, None].expand(k, d).clone(), None
         elif covs.shape == (k, d):
@@ -136,7 +140,7 @@ class GaussianMixture(Denoiser, ODEReference):
             raise ValueError(
                 f"expected samples of shape [B, {', '.join(map(str, self.shape))}], got {tuple(x.shape)}"
             )
-        return x.reshape(x.shape[0], -1).to(torch.float64)
+        return self._input(x)
 
     def _terms(self, xt: Tensor, s2: Tensor) -> tuple[Tensor, list[_Term]]:
         """Log-joint ``log w_k + log N(x~; mu_k, C_k + s^2 I)`` ``[b, K]`` and per-component terms.
@@ -159,7 +163,7 @@ class GaussianMixture(Denoiser, ODEReference):
             upper = base - 0.5 * dist2 / (self._lmax + s2k)
             lower = base - 0.5 * dist2 / (self._lmin + s2k)
             keep = upper >= lower.max(1, keepdim=True).values - _PRUNE
-        logj = torch.full((b, self.n_components), -math.inf, dtype=torch.float64)
+        logj = xt.new_full((b, self.n_components), -math.inf)
         terms: list[_Term] = []
         for k in range(self.n_components):
             rows = keep[:, k].nonzero().squeeze(1)
@@ -184,7 +188,7 @@ class GaussianMixture(Denoiser, ODEReference):
 
     def _combine(self, r: Tensor, terms: list[_Term], numer: Tensor | None) -> Tensor:
         """``sum_k r_k U_k diag(numer_k / v_k) y_k`` over the kept terms: ``[b, d]``."""
-        out = torch.zeros(r.shape[0], self.dim, dtype=torch.float64)
+        out = r.new_zeros(r.shape[0], self.dim)
         for k, rows, y, iv in terms:
             c = iv if numer is None else numer[k] * iv
             rk = (r[:, k] if rows is None else r[rows, k])[:, None]
@@ -227,7 +231,7 @@ class GaussianMixture(Denoiser, ODEReference):
             return (
                 self._apply(lambda xt, a, s2: self._denoise_isotropic(xt, s2), x, t)
                 .reshape(x.shape)
-                .to(x.dtype)
+                .to(device=x.device, dtype=x.dtype)
             )
 
         def fn(xt: Tensor, a: Tensor, s2: Tensor) -> Tensor:
@@ -235,11 +239,13 @@ class GaussianMixture(Denoiser, ODEReference):
             r = torch.softmax(logj, dim=-1)
             return r @ self.means + self._combine(r, terms, self.evals)
 
-        return self._apply(fn, x, t).reshape(x.shape).to(x.dtype)
+        return self._apply(fn, x, t).reshape(x.shape).to(device=x.device, dtype=x.dtype)
 
     def responsibilities(self, x: Tensor, t: Tensor | float) -> Tensor:
-        """Posterior component probabilities ``p(k | x_t = x)``, ``[B, K]`` (float64)."""
-        return self._apply(lambda xt, a, s2: torch.softmax(self._terms(xt, s2)[0], dim=-1), x, t)
+        """Posterior component probabilities ``p(k | x_t = x)``, ``[B, K]`` (the prior's
+        dtype, on ``x``'s device)."""
+        r = self._apply(lambda xt, a, s2: torch.softmax(self._terms(xt, s2)[0], dim=-1), x, t)
+        return r.to(x.device)
 
     def score(self, x: Tensor, t: Tensor | float) -> Tensor:
         """``grad_x log p_t(x)``."""
@@ -249,17 +255,17 @@ class GaussianMixture(Denoiser, ODEReference):
             r = torch.softmax(logj, dim=-1)
             return -self._combine(r, terms, None) / a
 
-        return self._apply(fn, x, t).reshape(x.shape).to(x.dtype)
+        return self._apply(fn, x, t).reshape(x.shape).to(device=x.device, dtype=x.dtype)
 
     def log_prob(self, x: Tensor, t: Tensor | float) -> Tensor:
-        """``log p_t(x)`` per sample, ``[B]`` (float64)."""
+        """``log p_t(x)`` per sample, ``[B]`` (the prior's dtype, on ``x``'s device)."""
         c = 0.5 * self.dim * math.log(2 * math.pi)
 
         def fn(xt: Tensor, a: Tensor, s2: Tensor) -> Tensor:
             logj = self._terms(xt, s2)[0]
             return torch.logsumexp(logj, dim=-1) - c - self.dim * torch.log(a[:, 0])
 
-        return self._apply(fn, x, t)
+        return self._apply(fn, x, t).to(x.device)
 
     def pf_drift_v(self, xt: Tensor, v: Tensor) -> Tensor:
         """``(x~ - D(x~, s)) / s^2 = -grad log p_v(x~)`` at noise variance ``v = s^2 >= 0``.
@@ -268,8 +274,9 @@ class GaussianMixture(Denoiser, ODEReference):
         variances (``v = 0``: the data density itself). Computed without the cancellation of
         ``x~ - D`` (see :func:`~diffusolve.models.analytic.reference.pf_ode_solve_to_zero`).
         """
-        xt = xt.reshape(xt.shape[0], -1).to(torch.float64)
-        v = torch.as_tensor(v, dtype=torch.float64).reshape(-1)
+        device = xt.device
+        xt = self._input(xt)
+        v = torch.as_tensor(v, dtype=self.dtype).reshape(-1).to(self.device)
         if self.singular and bool(torch.any(v <= 0)) and float(self.evals.min()) <= 0:
             raise ValueError("pf_drift_v needs v > 0 for rank-deficient covariances")
         if v.numel() == 1:
@@ -279,7 +286,7 @@ class GaussianMixture(Denoiser, ODEReference):
         for i in range(0, xt.shape[0], step):
             logj, terms = self._terms(xt[i : i + step], v[i : i + step, None])
             outs.append(self._combine(torch.softmax(logj, dim=-1), terms, None))
-        return torch.cat(outs)
+        return torch.cat(outs).to(device)
 
     @property
     def pf_v_scale(self) -> float:
@@ -294,9 +301,13 @@ class GaussianMixture(Denoiser, ODEReference):
         return lmin
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """``n`` exact data samples (float64)."""
-        comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        """``n`` exact data samples (in the prior's dtype, on its device; drawn in float64 on
+        the generator's device, so a seed gives the same samples on every device)."""
+        gdev = generator.device if generator is not None else torch.device("cpu")
+        w = self.weights.to(device=gdev, dtype=torch.float64)
+        comp = torch.multinomial(w, n, replacement=True, generator=generator)
+        z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64, device=gdev)
+        comp, z = comp.to(self.device), z.to(device=self.device, dtype=self.dtype)
         x = self.means[comp] + z * self.evals[comp].sqrt()
         if self.evecs is not None:
             for k in torch.unique(comp).tolist():
@@ -332,7 +343,7 @@ class GaussianMixture(Denoiser, ODEReference):
             True
         """
         out = cls(weights, means, evals, process=process, shape=shape, singular=singular)
-        evecs = torch.as_tensor(evecs, dtype=torch.float64)
+        evecs = torch.as_tensor(evecs, dtype=out.dtype, device=out.device)
         if evecs.shape != (out.n_components, out.dim, out.dim):
             raise ValueError(
                 f"evecs must be [K, d, d] = {(out.n_components, out.dim, out.dim)}; "
