@@ -12,7 +12,7 @@ import math
 import sys
 from collections.abc import Sequence
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "package_version"]
 
 
 def _cmd_solvers(args: argparse.Namespace) -> int:
@@ -198,14 +198,25 @@ def _command(argv: Sequence[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
+def package_version() -> str:
+    """The installed distribution's version (package metadata), or ``diffusolve.__version__``
+    when running from a source tree that was never installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("diffusolve")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(bench=_command(argv) == "bench")
     args = parser.parse_args(argv)
     if args.version:
-        from . import __version__
-
-        print(__version__)
+        print(f"diffusolve {package_version()}")
         return 0
     func = getattr(args, "func", None)
     if func is None:
