@@ -5,6 +5,6 @@
 diffusers.
 """
 
-from diffusolve.interop.diffusers import DiffusolveScheduler, DiffusolveSchedulerOutput, SPACINGS
+from diffusolve.interop.diffusers import SPACINGS, DiffusolveScheduler, DiffusolveSchedulerOutput
 
 __all__ = ["DiffusolveScheduler", "DiffusolveSchedulerOutput", "SPACINGS"]

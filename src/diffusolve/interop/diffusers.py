@@ -46,8 +46,8 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -226,7 +226,9 @@ class DiffusolveScheduler(SchedulerMixin, ConfigMixin):
         try:
             json.dumps(solver_options)
         except TypeError as err:
-            raise TypeError(f"solver_options must be JSON-able (saved in the config): {err}")
+            raise TypeError(
+                f"solver_options must be JSON-able (saved in the config): {err}"
+            ) from None
         self.schedule = None
         if schedule is not None:
             self.schedule = _load_schedule(schedule)
@@ -241,10 +243,14 @@ class DiffusolveScheduler(SchedulerMixin, ConfigMixin):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any):
-        """diffusers' ``from_config``; a ``FlowMatch*`` config sets
+        """diffusers' ``from_config`` (keyword arguments override the config); a
+        flow-matching config (``FlowMatch*``: a ``shift`` and no betas) sets
         ``prediction_type="flow_prediction"`` (those configs have no prediction type)."""
         cfg = dict(getattr(config, "config", config) or {})
-        if "FlowMatch" in str(cfg.get("_class_name", "")) and "prediction_type" not in kwargs:
+        flow_cfg = "FlowMatch" in str(cfg.get("_class_name", "")) or (
+            "shift" in cfg and "beta_schedule" not in cfg and "prediction_type" not in cfg
+        )  # a flow-matching scheduler's config (an instance's config has no class name)
+        if flow_cfg and "prediction_type" not in kwargs:
             kwargs["prediction_type"] = "flow_prediction"
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 

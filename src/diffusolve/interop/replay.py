@@ -186,7 +186,9 @@ class PushSolve:
     def _advance(self) -> None:
         while self.i < self.n:
             i = self.i
-            ctx = StepContext(i, self.n, self.final, self._noise if self.solver.stochastic else None)
+            ctx = StepContext(
+                i, self.n, self.final, self._noise if self.solver.stochastic else None
+            )
             self._noise.rewind()
             try:
                 x_next, state = self.solver.step(
@@ -208,7 +210,9 @@ class PushSolve:
         self.evaluations.extend(self._pending)
         out = self._pending[-1][1]
         if self.final == "zero":
-            idx = [k for k in range(self.n, max(-1, self.n - ZERO_POINTS), -1) if k in self._grid_out]
+            idx = [
+                k for k in range(self.n, max(-1, self.n - ZERO_POINTS), -1) if k in self._grid_out
+            ]
             s = [float(self.process.sigma_tilde(self._times[k])) for k in idx]
             out = extrapolate_to_zero(s, [self._grid_out[k].to(out.dtype) for k in idx])
         self.result = out
