@@ -112,6 +112,19 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
         help="dtype of the solver state (the network keeps its own, float32 for digits)",
     )
     p.add_argument(
+        "--net-dtype",
+        choices=("float32", "float64", "bfloat16", "float16"),
+        default="float32",
+        help="dtype of the network's weights (bfloat16/float16: a half network; the solver "
+        "state keeps --dtype and the x0 conversion runs in it)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the network through torch.compile (the first batch pays the compilation; "
+        "falls back to eager with a warning when no compiler works)",
+    )
+    p.add_argument(
         "--seed",
         type=int,
         default=0,

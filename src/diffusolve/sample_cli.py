@@ -20,6 +20,7 @@ from torch import Tensor
 __all__ = ["run_sample", "generate", "sample_shape", "parse_solver_options", "divergence_warning"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+NET_DTYPES = {**DTYPES, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: images live in [-1, 1]; a result this many times larger has left the data range
 DIVERGENCE_FACTOR = 10.0
 
@@ -111,9 +112,21 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--guidance: {err}") from None
 
 
+def load_model(args: argparse.Namespace) -> Any:
+    """The model of ``--model`` with ``--guidance``, ``--net-dtype`` and ``--compile``."""
+    from .loading import load
+
+    net_dtype = NET_DTYPES[getattr(args, "net_dtype", None) or "float32"]
+    return load(
+        args.model,
+        guidance=args.guidance,
+        dtype=net_dtype,
+        compile=bool(getattr(args, "compile", False)),
+    )
+
+
 def generate(args: argparse.Namespace) -> tuple[Tensor, dict[str, Any]]:
     """The samples ``[n, C, H, W]`` that ``diffusolve sample`` saves, and a summary."""
-    from .loading import load
     from .models import LabelConditioned
     from .process import make_grid
     from .solvers import sample
@@ -122,7 +135,7 @@ def generate(args: argparse.Namespace) -> tuple[Tensor, dict[str, Any]]:
     solver = _solver(args)
     dtype = DTYPES[getattr(args, "dtype", None) or "float32"]
     grid_kind = args.grid or solver.natural_grid
-    model = load(args.model, guidance=args.guidance)
+    model = load_model(args)
     cond = None
     if isinstance(model, LabelConditioned):
         classes = model.num_classes
