@@ -19,6 +19,7 @@ def load(
     *,
     guidance: float | None = None,
     dtype: torch.dtype = torch.float32,
+    compile: bool = False,
 ) -> Any:
     """The bundled model ``name`` (``"digits"``, ``"digits-tokens"``) or a local diffusers
     folder as a Denoiser.
@@ -30,6 +31,12 @@ def load(
     (``"digits-tokens"``) the null input is the empty caption and ``cond`` is a caption, a
     list of captions, token ids or embedded tokens
     (:class:`~diffusolve.models.bundled.TokenConditioned`).
+
+    ``dtype`` is the network's dtype (``torch.bfloat16`` / ``torch.float16`` for a half
+    network: the solver state keeps its own dtype and the x0 conversion runs in it, see
+    :mod:`diffusolve.models.precision`). ``compile=True`` runs the network through
+    ``torch.compile`` (:func:`~diffusolve.models.precision.compile_network`; eager with a
+    warning when no compiler works).
 
     Example:
         >>> import torch, diffusolve
@@ -48,6 +55,10 @@ def load(
     if guidance is not None:
         guidance = check_scale(guidance)
     model = load_model(name, dtype=dtype)
+    if compile:
+        from .models.precision import compile_network
+
+        model = compile_network(model)
     if guidance is None:
         return model
     if isinstance(model, TokenConditioned):  # guided on embeddings, captions outside

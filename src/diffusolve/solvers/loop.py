@@ -119,6 +119,7 @@ def sample(
     callback: Callable[[dict[str, Any]], None] | None = None,
     progress: bool | None = None,
     stats: dict[str, Any] | None = None,
+    compile: bool | dict[str, Any] = False,
     **solver_options: Any,
 ) -> Tensor:
     """Integrate from ``grid[0]`` to ``grid[-1]`` with ``solver`` and return the result.
@@ -146,6 +147,11 @@ def sample(
             ``x_next``, ``nfe``).
         progress: show a tqdm bar with the NFE count (default: when stderr is a terminal).
         stats: if given, filled with ``nfe``, ``n_steps`` and ``solver``.
+        compile: run the model's networks through ``torch.compile`` (a dict: its options,
+            e.g. ``{"mode": "max-autotune"}``); the solver loop stays Python. The compiled
+            network is cached per module, so only the first call (and each new batch
+            shape) pays the compilation; without a working compiler a warning says so and
+            the network runs eagerly (:func:`diffusolve.models.precision.compile_network`).
         **solver_options: options for a solver given by name.
 
     Example:
@@ -184,6 +190,10 @@ def sample(
         )
     if dtype is not None:
         x = x.to(dtype)
+    if compile:
+        from ..models.precision import compile_network
+
+        model = compile_network(model, **(compile if isinstance(compile, dict) else {}))
     if x0_transform is not None:
         from ..models.transforms import MapX0
 
