@@ -134,6 +134,22 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
         "--out", default="grid.png", help="output image (refuses to overwrite without --force)"
     )
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument(
+        "--shard-size",
+        type=int,
+        default=None,
+        metavar="K",
+        help="write the --n samples as safetensors shards of K samples into the folder --out "
+        "with manifest.json (model, solver, options, seeds, shard ranges, checksums); "
+        "rerunning the same command resumes (finished shards are verified and kept); runs "
+        "unchanged under torchrun (shard s on rank s %% world, same samples for any world)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="with --shard-size: samples per network batch inside a shard (default: the shard)",
+    )
     p.set_defaults(func=_cmd_sample)
 
 

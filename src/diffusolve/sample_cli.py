@@ -17,7 +17,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["run_sample", "generate", "sample_shape", "parse_solver_options", "divergence_warning"]
+__all__ = [
+    "run_sample",
+    "run_sample_shards",
+    "generate",
+    "sample_shape",
+    "parse_solver_options",
+    "divergence_warning",
+]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 NET_DTYPES = {**DTYPES, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -170,6 +177,8 @@ def run_sample(args: argparse.Namespace) -> int:
     from ._paths import check_file_out
     from .images import save_grid
 
+    if getattr(args, "shard_size", None) is not None:
+        return run_sample_shards(args)
     out = check_file_out(args.out, force=args.force)
     x, info = generate(args)
     warning = divergence_warning(x)
@@ -190,3 +199,85 @@ def _describe(labels: Tensor, nrow: int) -> str:
     if len(set(values)) == 1:
         return str(values[0])
     return f"{values[0]}, {values[1]}, ... in reading order ({nrow} a row)"
+
+
+def run_sample_shards(args: argparse.Namespace) -> int:
+    """``diffusolve sample --shard-size K --out DIR``: ``--n`` samples as safetensors shards
+    with ``DIR/manifest.json``, resumable, split over the ranks under ``torchrun``
+    (:mod:`diffusolve.distributed`). Sample ``i`` has seed ``seed + i`` and, without
+    ``--label``, class ``i % classes``, so the set does not depend on the world size."""
+    from pathlib import Path
+
+    from .distributed import init, sample_shards
+    from .loading import load
+    from .models import LabelConditioned
+
+    _check_args(args)
+    if args.shard_size < 1:
+        raise ValueError(f"--shard-size must be at least 1, got {args.shard_size}")
+    batch = getattr(args, "batch_size", None)
+    if batch is not None and batch < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch}")
+    out = Path(args.out).expanduser()
+    if out.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
+        raise ValueError(
+            f"--out {out} looks like an image; with --shard-size it is the folder for the "
+            "shards and manifest.json (e.g. --out samples/)"
+        )
+    solver = _solver(args)
+    dtype = DTYPES[getattr(args, "dtype", None) or "float32"]
+    ctx = init()
+    try:
+        model = load(args.model, guidance=args.guidance)
+        cond_of = None
+        labels = "none"
+        if isinstance(model, LabelConditioned):
+            classes = model.num_classes
+            if args.label is not None:
+                if not 0 <= args.label < classes:
+                    raise ValueError(f"--label must be in [0, {classes - 1}], got {args.label}")
+                label = int(args.label)
+                cond_of, labels = (lambda idx: torch.full_like(idx, label)), str(label)
+            else:
+                cond_of, labels = (lambda idx: idx % classes), f"i % {classes}"
+        elif args.label is not None:
+            raise ValueError(f"--label needs a class-conditional model; {args.model} is not one")
+        config = {"model": str(args.model), "guidance": args.guidance, "labels": labels}
+        shown = {"written": 0, "skipped": 0}
+
+        def on_shard(shard: int, how: str) -> None:
+            shown[how] += 1
+            if sys.stderr.isatty():
+                print(f"rank {ctx.rank}: shard {shard} {how}", file=sys.stderr)
+
+        report = sample_shards(
+            model,
+            out,
+            n=args.n,
+            shape=sample_shape(model),
+            steps=args.steps,
+            solver=solver,
+            seed=args.seed,
+            shard_size=args.shard_size,
+            batch_size=batch,
+            cond_of=cond_of,
+            dtype=dtype,
+            grid_kind=args.grid,
+            config=config,
+            force=args.force,
+            ctx=ctx,
+            on_shard=on_shard,
+        )
+        if ctx.is_main:
+            print(
+                f"wrote {len(report.written)} shards, kept {len(report.skipped)} finished ones "
+                f"({args.n} samples in shards of {args.shard_size}, {ctx.world} process"
+                f"{'es' if ctx.world > 1 else ''}, solver {solver.name}) to {out}; "
+                f"checksum {report.checksum}"
+            )
+    finally:
+        if ctx.world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return 0

@@ -122,6 +122,10 @@ class RecordStore:
         self.records: list[dict[str, Any]] = []
         self._index: dict[str, dict[str, Any]] = {}
         self.loaded = 0
+        #: called before a query that may miss: ``fetch(key_id)`` before :meth:`get` of an
+        #: absent key, ``fetch(None)`` before :meth:`select`. ``diffusolve.distributed``
+        #: sets it to wait for records that other ranks are still producing.
+        self.fetch: Callable[[str | None], None] | None = None
         if self.path is None:
             return
         exists = self.path.exists()
@@ -188,26 +192,37 @@ class RecordStore:
         self.records.append(record)
         self._index[key_id(record, self.key_fields)] = record
 
-    def append(self, record: dict[str, Any]) -> None:
-        """Add a record; with a file, write it as one line, flushed and fsynced."""
-        if self.path is not None:
-            line = json.dumps(record, default=str)
-            with open(self.path, "a") as f:
-                f.write(line + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+    def append(self, record: dict[str, Any], *, write: bool = True) -> None:
+        """Add a record; with a file (and ``write``), write it as one line, flushed and
+        fsynced. ``write=False`` keeps it in memory only (another process writes it)."""
+        if self.path is not None and write:
+            self.write_line(record)
         self._add(record)
+
+    def write_line(self, record: dict[str, Any]) -> None:
+        """Append ``record`` to the file as one line, flushed and fsynced (not added)."""
+        assert self.path is not None
+        line = json.dumps(record, default=str)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     # ------------------------------------------------------------------ queries
     def get(self, key: dict[str, Any]) -> dict[str, Any] | None:
         """The record with this key, or ``None``."""
-        return self._index.get(key_id(key, self.key_fields))
+        kid = key_id(key, self.key_fields)
+        if kid not in self._index and self.fetch is not None:
+            self.fetch(kid)
+        return self._index.get(kid)
 
     def __contains__(self, key: dict[str, Any]) -> bool:
-        return key_id(key, self.key_fields) in self._index
+        return self.get(key) is not None
 
     def select(self, **fields: Any) -> list[dict[str, Any]]:
         """Records whose fields equal ``fields`` (in file order)."""
+        if self.fetch is not None:
+            self.fetch(None)
         return [r for r in self.records if all(r.get(k) == v for k, v in fields.items())]
 
 

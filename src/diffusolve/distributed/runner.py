@@ -4,10 +4,10 @@ Every rank walks the same job sequence (the benches' job generators are determin
 The ``k``-th job not already in the records belongs to rank ``k % world`` (round-robin by job
 index); its owner runs it and appends the record to its own JSONL part
 (``<records>.parts/rank-<r>.jsonl``, one line, flushed and fsynced). A job generator may
-build later jobs from earlier records (a settings search's final run): the store the jobs
-see answers ``get``/``select``/``records`` with every rank's records, waiting for a job
-another rank owns until its line appears in that rank's part (jobs only ever wait for
-earlier jobs, so no rank waits for one that is waiting for it). At the end rank 0 appends
+build later jobs from earlier records (a settings search's final run): while the jobs run,
+the store's ``get`` and ``select`` (through ``RecordStore.fetch``) wait for a job another
+rank owns until its line appears in that rank's part (jobs only ever wait for earlier jobs,
+so no rank waits for one that is waiting for it). At the end rank 0 appends
 every new record to the records file in job order -- the file a one-process run writes, up
 to :data:`~diffusolve.bench.runner.TIMING` -- and removes the parts. A killed run leaves
 its parts; the next ``resume`` merges them first, so nothing finished is run twice.
@@ -34,6 +34,8 @@ __all__ = ["run_jobs_distributed", "open_store", "merge_parts"]
 def _parts_dir(store: RecordStore, parts_dir: str | Path | None) -> Path:
     if parts_dir is not None:
         return Path(parts_dir)
+    if getattr(store, "parts_dir", None) is not None:  # set by open_store
+        return Path(store.parts_dir)  # type: ignore[attr-defined]
     if store.path is None:
         raise ValueError(
             "a records store in memory has no folder for the ranks' parts: pass parts_dir= "
@@ -90,7 +92,10 @@ def open_store(
     """
     ctx = current() if ctx is None else ctx
     if ctx.world == 1:
-        return RecordStore(path, bench=bench, key_fields=key_fields, config=config, mode=mode)
+        store = RecordStore(path, bench=bench, key_fields=key_fields, config=config, mode=mode)
+        if path is not None and mode == "resume":  # a killed run of several ranks
+            merge_parts(store, _parts_dir(store, None))
+        return store
     store = None
     error = None
     if ctx.is_main:
@@ -109,40 +114,39 @@ def open_store(
         store = RecordStore(None, bench=bench, key_fields=key_fields, config=config)
         for rec in records:
             store.append(rec)
+    if path is not None:  # where run_jobs_distributed puts the ranks' parts, on every rank
+        store.parts_dir = Path(path).with_name(Path(path).name + ".parts")  # type: ignore[attr-defined]
     return store
 
 
-class _SharedView:
-    """What the jobs see on one rank: the store's records plus this run's records of every
-    rank, waiting for another rank's record when asked for it."""
+class _Exchange:
+    """Reads the other ranks' parts into ``store`` (in memory) and waits for pending jobs;
+    installed as ``store.fetch`` while the jobs run."""
 
     def __init__(
         self, store: RecordStore, parts: Path, ctx: DistContext, poll: float, timeout: float
     ):
         self.store, self.parts, self.ctx = store, parts, ctx
         self.poll, self.timeout = poll, timeout
-        self.new: dict[str, dict[str, Any]] = {}  # key id -> record of this run
-        self.order: list[str] = []  # key ids of this run's jobs, in job order
-        self.pending: dict[str, int] = {}  # key id -> owner rank, not yet seen
+        self.pending: dict[str, int] = {}  # key id -> owner rank, record not seen yet
         self._offsets = {r: 0 for r in range(ctx.world)}
 
-    def kid(self, key: dict[str, Any]) -> str:
-        return key_id(key, self.store.key_fields)
-
-    def _read(self, rank: int) -> None:
-        recs, self._offsets[rank] = _read_lines(self._part(rank), self._offsets[rank])
-        for rec in recs:
-            k = self.kid(rec)
-            self.new[k] = rec
-            self.pending.pop(k, None)
-
-    def _part(self, rank: int) -> Path:
+    def part(self, rank: int) -> Path:
         return self.parts / f"rank-{rank}.jsonl"
 
-    def _wait(self, keys: Iterable[str]) -> None:
-        start = time.monotonic()
-        delay = self.poll
-        for k in list(keys):
+    def _read(self, rank: int) -> None:
+        recs, self._offsets[rank] = _read_lines(self.part(rank), self._offsets[rank])
+        for rec in recs:
+            k = key_id(rec, self.store.key_fields)
+            self.pending.pop(k, None)
+            if k not in self.store._index:
+                self.store.append(rec, write=False)
+
+    def fetch(self, kid: str | None) -> None:
+        """Wait until the record of ``kid`` (``None``: of every pending job) is here."""
+        keys = list(self.pending) if kid is None else [kid]
+        start, delay = time.monotonic(), self.poll
+        for k in keys:
             while k in self.pending:
                 self._read(self.pending[k])
                 if k not in self.pending:
@@ -156,37 +160,13 @@ class _SharedView:
                 delay = min(2 * delay, 0.5)
 
     def write(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, default=str)
-        with open(self._part(self.ctx.rank), "a") as f:
-            f.write(line + "\n")
+        """Append this rank's record to its part, then read it back like the others' (the
+        same JSON round trip on every rank)."""
+        with open(self.part(self.ctx.rank), "a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        # read back through the file like the other ranks' records (same JSON round trip)
         self._read(self.ctx.rank)
-
-    # the RecordStore queries the jobs use
-    @property
-    def key_fields(self) -> tuple[str, ...]:
-        return self.store.key_fields
-
-    @property
-    def records(self) -> list[dict[str, Any]]:
-        self._wait(list(self.pending))
-        return self.store.records + [self.new[k] for k in self.order if k in self.new]
-
-    def get(self, key: dict[str, Any]) -> dict[str, Any] | None:
-        done = self.store.get(key)
-        if done is not None:
-            return done
-        k = self.kid(key)
-        self._wait([k])
-        return self.new.get(k)
-
-    def __contains__(self, key: dict[str, Any]) -> bool:
-        return self.get(key) is not None
-
-    def select(self, **fields: Any) -> list[dict[str, Any]]:
-        return [r for r in self.records if all(r.get(k) == v for k, v in fields.items())]
 
 
 def run_jobs_distributed(
@@ -203,7 +183,7 @@ def run_jobs_distributed(
 
     Args:
         jobs: the same job sequence on every rank (a generator may read earlier records
-            through the store it is given).
+            through ``store.get`` / ``store.select``: they wait for other ranks' records).
         store: the records (:func:`open_store`: rank 0's file, the others' copies).
         ctx: the distributed context (default: :func:`~diffusolve.distributed.current`).
             In a world of 1 this is :func:`run_jobs` exactly.
@@ -215,12 +195,13 @@ def run_jobs_distributed(
 
     Returns:
         ``(n_run, n_skipped)`` over all ranks; afterwards every rank's ``store`` holds every
-        record, and rank 0's records file has the new ones in job order.
+        record in job order, and rank 0's records file has the new ones in job order.
 
     Example:
         >>> from diffusolve.bench.runner import Job, RecordStore
         >>> store = RecordStore(None, bench="demo", key_fields=("x",))
-        >>> run_jobs_distributed([Job({"x": i}, lambda s, i=i: {"y": i * i}) for i in range(3)], store)
+        >>> jobs = [Job({"x": i}, lambda s, i=i: {"y": i * i}) for i in range(3)]
+        >>> run_jobs_distributed(jobs, store)
         (3, 0)
     """
     ctx = current() if ctx is None else ctx
@@ -231,37 +212,47 @@ def run_jobs_distributed(
     # a part left by a killed run was merged by open_store (resume) or is discarded
     (parts / f"rank-{ctx.rank}.jsonl").unlink(missing_ok=True)
     ctx.barrier()
-    view = _SharedView(store, parts, ctx, poll, timeout)
-    n_skipped = index = 0
-    for job in jobs:
-        if store.get(job.key) is not None:
-            n_skipped += 1
+    ex = _Exchange(store, parts, ctx, poll, timeout)
+    n_before = len(store.records)
+    before = {key_id(r, store.key_fields) for r in store.records}  # done by earlier runs
+    order: dict[str, int] = {}  # key id -> position among this run's jobs
+    n_skipped = 0
+    store.fetch = ex.fetch
+    try:
+        for job in jobs:
+            k = key_id(job.key, store.key_fields)
+            done = store._index.get(k) if k in before else None
+            if done is not None:
+                n_skipped += 1
+                if on_record is not None:
+                    on_record(job, done, True)
+                continue
+            owner = ctx.owner(len(order))
+            order[k] = len(order)
+            if owner != ctx.rank:
+                if k not in store._index:
+                    ex.pending[k] = owner
+                continue
+            start = time.perf_counter()
+            result = dict(job.run(store))
+            timing = {k_: _finite(v) for k_, v in dict(result.pop(TIMING, None) or {}).items()}
+            timing["seconds"] = round(time.perf_counter() - start, 6)
+            ex.write({**job.key, **result, TIMING: timing})
             if on_record is not None:
-                on_record(job, store.get(job.key), True)
-            continue
-        k = view.kid(job.key)
-        view.order.append(k)
-        owner = ctx.owner(index)
-        index += 1
-        if owner != ctx.rank:
-            if k not in view.new:
-                view.pending[k] = owner
-            continue
-        start = time.perf_counter()
-        result = dict(job.run(view))  # type: ignore[arg-type]
-        timing = {k: _finite(v) for k, v in dict(result.pop(TIMING, None) or {}).items()}
-        timing["seconds"] = round(time.perf_counter() - start, 6)
-        view.write({**job.key, **result, TIMING: timing})
-        if on_record is not None:
-            on_record(job, view.new[k], False)
-    view._wait(list(view.pending))
+                on_record(job, store._index[k], False)
+        ex.fetch(None)
+    finally:
+        store.fetch = None
     ctx.barrier()  # every part is complete: every rank has every record
-    for k in view.order:
-        store.append(view.new[k])  # rank 0 writes the records file; others in memory
-    ctx.barrier()
+    new = sorted(store.records[n_before:], key=lambda r: order[key_id(r, store.key_fields)])
+    store.records[n_before:] = new
     if ctx.is_main:
+        if store.path is not None:
+            for rec in new:
+                store.write_line(rec)
         for p in parts.glob("rank-*.jsonl"):
             p.unlink()
         if not any(parts.iterdir()):
             parts.rmdir()
-    return len(view.order), n_skipped
+    ctx.barrier()
+    return len(order), n_skipped
