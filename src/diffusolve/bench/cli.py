@@ -132,6 +132,7 @@ def register(subparsers: Any) -> None:
     _register_inverse(subparsers)
     _register_inversion(subparsers)
     _register_guidance(subparsers)
+    _register_devices(subparsers)
 
 
 def _floats(text: str) -> list[float]:
@@ -346,6 +347,25 @@ def guidance_main(args: argparse.Namespace) -> int:
     return _run_report_bench(
         args, "guidance", _guidance_options, run_guidance, markdown_report, plot_results
     )
+
+
+def _register_devices(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "devices",
+        help="throughput, loop overhead, bf16, torch.compile and CUDA-vs-CPU agreement",
+        description=(
+            "The bundled digits model at batch --batch: samples/s of the bare network for the "
+            "solve's evaluations against the full sampling loop (overhead in percent), a "
+            "bfloat16 network with a float32 state, torch.compile (--compile; first call "
+            "reported separately) and a 64-d GMM sampler, on the CPU and on CUDA when "
+            "present, with the CUDA-vs-CPU distance of the samples. Writes DIR/devices.json "
+            "and DIR/devices.md (scripts/gpu_check.py runs this)."
+        ),
+    )
+    from .devices import add_arguments, main
+
+    add_arguments(p)
+    p.set_defaults(func=main, handler=main)
 
 
 def _register_inverse(subparsers: Any) -> None:
