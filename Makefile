@@ -31,7 +31,7 @@ test: $(STAMP) docs
 
 # the documentation site in build/site (open build/site/index.html); warnings are errors
 docs: $(STAMP)
-	NO_MKDOCS_2_WARNING=1 OMP_NUM_THREADS=2 $(VENV)/bin/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 OMP_NUM_THREADS=1 $(VENV)/bin/mkdocs build --strict
 
 # build the wheel and sdist, twine-check them, install the wheel in a fresh venv, run the demo
 wheel-check: $(STAMP)

@@ -61,6 +61,9 @@ def on_files(files, config):
     _tmp = tempfile.TemporaryDirectory(prefix="diffusolve-gallery-")
     out = Path(_tmp.name)
     torch.manual_seed(0)
+    # the examples are small: one intra-op thread is as fast and does not thrash a shared CPU
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     scripts = sorted(p for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
     parts, total = [], 0.0
     for path in scripts:
@@ -68,6 +71,7 @@ def on_files(files, config):
         log.info(f"gallery: examples/{path.name} ran in {seconds:.1f} s")
         parts.append(text)
         total += seconds
+    torch.set_num_threads(threads)
     head = [
         "# Gallery",
         "",
@@ -78,7 +82,27 @@ def on_files(files, config):
         "",
     ]
     files.append(File.generated(config, "gallery/index.md", content="\n".join(head + parts)))
+    files.append(File.generated(config, "algorithms/registry.md", content=_registry_page()))
     return files
+
+
+def _registry_page() -> str:
+    """The solver registry as a table, generated from the code (as the README's is)."""
+    from diffusolve.solvers.table import solver_table
+
+    return "\n".join(
+        [
+            "# Solver registry",
+            "",
+            "Generated from `diffusolve.solvers` while this site was built (the same table as "
+            "`diffusolve solvers --markdown`). *order* is the global order of the "
+            "deterministic solve, checked by fitting log(error) against log(NFE) on the "
+            "exact Gaussian ODE; *grid* is the natural grid an int number of steps uses.",
+            "",
+            solver_table(markdown=True),
+            "",
+        ]
+    )
 
 
 def on_post_build(config):
