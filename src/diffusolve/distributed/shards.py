@@ -189,6 +189,7 @@ def _write_shard(path: Path, tensors: dict[str, Tensor], meta: dict[str, str]) -
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), meta)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # the writer makes a private file; shards are results to share
     os.replace(tmp, path)
 
 
