@@ -15,14 +15,13 @@ import torch
 
 torch.set_num_threads(1)
 
+from diffusolve.bench.distributed import open_store, run_jobs_distributed  # noqa: E402
 from diffusolve.bench.runner import Job, strip_timing  # noqa: E402
 from diffusolve.distributed import (  # noqa: E402
     GaussianMoments,
     StreamingProjections,
     init,
-    open_store,
     read_shards,
-    run_jobs_distributed,
     sample_shards,
 )
 from diffusolve.models import GaussianMixture  # noqa: E402

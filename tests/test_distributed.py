@@ -20,14 +20,13 @@ import numpy as np
 import pytest
 import torch
 
+from diffusolve.bench.distributed import open_store, run_jobs_distributed
 from diffusolve.bench.runner import Job, RecordStore, run_jobs, strip_timing
 from diffusolve.distributed import (
     ConfigMismatchError,
     GaussianMoments,
     StreamingProjections,
-    open_store,
     read_shards,
-    run_jobs_distributed,
     run_sharded,
     sample_shards,
     streaming_fd,

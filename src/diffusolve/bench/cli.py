@@ -599,10 +599,12 @@ def samplers_main(args: argparse.Namespace) -> int:
     )
     from .samplers import run_bench
 
+    ctx = _ranks()
     try:
         opts = _samplers_options(args)
     except UsageError as e:
         return _error(str(e))
+    ctx.barrier()  # every rank checked the outputs before rank 0 creates any
     try:
         result = run_bench(progress=not args.no_progress and sys.stderr.isatty(), **opts)
     except KeyboardInterrupt:
@@ -613,6 +615,8 @@ def samplers_main(args: argparse.Namespace) -> int:
         return 130
     except (ValueError, FileExistsError) as e:
         return _error(str(e).splitlines()[0])
+    if not ctx.is_main:
+        return 0
     meta = result["meta"]
     parts = [
         "## diffusolve bench samplers",
@@ -761,6 +765,13 @@ def inverse_main(args: argparse.Namespace) -> int:
     )
 
 
+def _ranks() -> Any:
+    """The process group under ``torchrun`` (initialised here), else rank 0 of 1."""
+    from ..distributed import init
+
+    return init()
+
+
 def _run_report_bench(
     args: argparse.Namespace,
     name: str,
@@ -771,11 +782,14 @@ def _run_report_bench(
 ) -> int:
     """The shared handler of the runner-based benches: validate the options, run (an
     interrupt keeps the records and says how to resume), then write ``DIR/<name>.md``,
-    the plots and ``--json``."""
+    the plots and ``--json``. Under ``torchrun`` every rank runs its share of the jobs and
+    rank 0 alone merges the records and writes the report."""
+    ctx = _ranks()
     try:
         opts = options(args)
     except UsageError as e:
         return _error(str(e))
+    ctx.barrier()  # every rank checked the outputs before rank 0 creates any
     try:
         result = run(progress=not args.no_progress, **opts)
     except KeyboardInterrupt:
@@ -786,6 +800,8 @@ def _run_report_bench(
         return 130
     except (ValueError, FileExistsError) as e:
         return _error(str(e).splitlines()[0])
+    if not ctx.is_main:
+        return 0
     text = report(result)
     print(text)
     out = Path(args.out)

@@ -35,7 +35,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .runner import Job, RecordStore, run_jobs
+from .distributed import open_store, run_jobs_distributed
+from .runner import Job
 
 __all__ = ["BENCH", "KEY_FIELDS", "MODULES", "phase_owners", "run_guidance", "markdown_report"]
 
@@ -90,7 +91,7 @@ def run_guidance(
     owner = phase_owners()
     mode = "resume" if resume else ("overwrite" if overwrite else "new")
     config = {"quick": bool(quick), "seed": int(seed), "phases": selected}
-    store = RecordStore(records, bench=BENCH, key_fields=KEY_FIELDS, config=config, mode=mode)
+    store = open_store(records, bench=BENCH, key_fields=KEY_FIELDS, config=config, mode=mode)
     start = time.perf_counter()
     modules = [m for m in MODULES if any(owner[p] == m for p in selected)]
 
@@ -110,7 +111,7 @@ def run_guidance(
         tag = " (resumed)" if skipped else ""
         print(f"[{time.perf_counter() - start:7.1f}s] {what}{tag}", file=sys.stderr)
 
-    run_jobs(all_jobs(), store, on_record=show)
+    run_jobs_distributed(all_jobs(), store, on_record=show)
     recs = list(store.records)
     goals: list[dict[str, Any]] = []
     for name in modules:

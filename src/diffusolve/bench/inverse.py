@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .distributed import open_store, run_jobs_distributed
 from .inverse_tasks import (
     GMM_DIMS,
     GMM_DYS,
@@ -60,7 +61,7 @@ from .inverse_tasks import (
     exact_samples,
     make_problem,
 )
-from .runner import TIMING, Job, RecordStore, run_jobs, strip_timing
+from .runner import TIMING, Job, RecordStore, strip_timing
 
 __all__ = [
     "BENCH",
@@ -728,7 +729,7 @@ def run_inverse(
         quick=bool(quick),
     )
     _validate(cfg, IMAGE_TASKS)
-    store = RecordStore(
+    store = open_store(
         records,
         bench=BENCH,
         key_fields=KEY_FIELDS,
@@ -755,7 +756,7 @@ def run_inverse(
     grad_was = torch.is_grad_enabled()
     torch.set_grad_enabled(False)  # samplers that need gradients enable them themselves
     try:
-        n_run, n_skipped = run_jobs(plan(store), store, on_record=on_record)
+        n_run, n_skipped = run_jobs_distributed(plan(store), store, on_record=on_record)
     finally:
         torch.set_grad_enabled(grad_was)
     meta = {

@@ -45,7 +45,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .runner import Job, RecordStore, run_jobs
+from .distributed import open_store, run_jobs_distributed
+from .runner import Job
 
 __all__ = [
     "BENCH",
@@ -514,7 +515,7 @@ def run_inversion(
     mode = "resume" if resume else ("overwrite" if overwrite else "new")
     config = {k: v for k, v in opts.items()}
     config["methods"] = methods
-    store = RecordStore(records, bench=BENCH, key_fields=KEY_FIELDS, config=config, mode=mode)
+    store = open_store(records, bench=BENCH, key_fields=KEY_FIELDS, config=config, mode=mode)
     start = time.perf_counter()
 
     def show(job: Job, record: dict[str, Any], skipped: bool) -> None:
@@ -537,7 +538,7 @@ def run_inversion(
         yield from _jobs(opts, methods, {})
         yield from _edit_jobs(opts, edits)
 
-    n_run, n_skipped = run_jobs(all_jobs(), store, on_record=show)
+    n_run, n_skipped = run_jobs_distributed(all_jobs(), store, on_record=show)
     recs = [r for r in store.records if r.get("phase") == "roundtrip"]
     edit_recs = [r for r in store.records if r.get("phase") == "edit"]
     return {

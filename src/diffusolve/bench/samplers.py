@@ -38,8 +38,9 @@ import torch
 from ..metrics import rel_error, sliced_wasserstein
 from ..solvers import get_solver, list_solvers
 from . import diffusers_runner as dr
+from .distributed import open_store, run_jobs_distributed
 from .report import moonshot, summarize
-from .runner import TIMING, Job, RecordStore, key_id, run_jobs, strip_timing
+from .runner import TIMING, Job, RecordStore, key_id, strip_timing
 from .settings import ENDS, our_grid, our_settings, pick_winner, run_ours
 from .tasks import FULL_TASKS, QUICK_TASKS, REFERENCES, TASKS, Task, build_task, check_tasks
 
@@ -887,7 +888,7 @@ def run_bench(
     }
     if network and fd_samples:
         config["fd_samples"] = fd_samples  # only then: older records files still resume
-    store = RecordStore(
+    store = open_store(
         records,
         bench="samplers",
         key_fields=KEY_FIELDS,
@@ -911,7 +912,7 @@ def run_bench(
     grad_was = torch.is_grad_enabled()
     torch.set_grad_enabled(False)  # the bench is the caller: no autograd graphs of the UNet
     try:
-        n_run, n_skipped = run_jobs(
+        n_run, n_skipped = run_jobs_distributed(
             _plan(
                 store,
                 task_cache,

@@ -10,9 +10,9 @@ plain process (a world of 1); the results are the same:
 - :class:`GaussianMoments` (count, sum, sum of outer products, ``all_reduce``) for FD on any
   number of samples in one shard's memory; :class:`StreamingProjections` for sliced
   Wasserstein.
-- :func:`run_jobs_distributed` / :func:`open_store`: the bench runner's jobs round-robin over
-  the ranks, each rank's records in its own JSONL part, merged by rank 0 into the records
-  file of a one-process run.
+- The bench runner over ranks is :mod:`diffusolve.bench.distributed` (``open_store``,
+  ``run_jobs_distributed``): jobs round-robin over the ranks, each rank's records in its own
+  JSONL part, merged by rank 0 into the records file of a one-process run.
 
 Example:
     >>> from diffusolve.distributed import init
@@ -22,7 +22,6 @@ Example:
 """
 
 from .context import DistContext, current, init
-from .runner import merge_parts, open_store, run_jobs_distributed
 from .sampling import sample_shards, seeded_producer
 from .shards import (
     FORMAT,
@@ -53,7 +52,4 @@ __all__ = [
     "GaussianMoments",
     "StreamingProjections",
     "streaming_fd",
-    "run_jobs_distributed",
-    "open_store",
-    "merge_parts",
 ]

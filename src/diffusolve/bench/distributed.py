@@ -1,5 +1,11 @@
 """The bench runner across ranks: each rank runs its share of the jobs, rank 0 merges.
 
+It lives in ``bench`` (not ``distributed``) because it extends the bench runner: the
+``distributed`` package stays below ``bench`` and knows nothing of records. Every runner-based
+bench (``samplers``, ``inverse``, ``inversion``, ``guidance``) opens its store with
+:func:`open_store` and runs its jobs with :func:`run_jobs_distributed`, so it runs unchanged
+under ``torchrun``; in a world of 1 both are the one-process runner exactly.
+
 Every rank walks the same job sequence (the benches' job generators are deterministic).
 The ``k``-th job not already in the records belongs to rank ``k % world`` (round-robin by job
 index); its owner runs it and appends the record to its own JSONL part
@@ -25,8 +31,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from ..bench.runner import TIMING, Job, RecordStore, _finite, key_id, run_jobs
-from .context import DistContext, current
+from ..distributed.context import DistContext, current
+from .runner import TIMING, Job, RecordStore, _finite, key_id, run_jobs
 
 __all__ = ["run_jobs_distributed", "open_store", "merge_parts"]
 
