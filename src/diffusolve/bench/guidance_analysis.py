@@ -360,7 +360,7 @@ def tables(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
             "trace",
             "integrator",
             "MAE (nats)",
-            "max |err|",
+            "max abs err",
             "mean err ± SE",
             "rel. error",
             "NFE",
@@ -424,7 +424,7 @@ def tables(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
             head = [
                 "t",
                 "sigma/alpha",
-                "score ||J-J^T||/||J|| (median)",
+                "score ‖J - Jᵀ‖ / ‖J‖ (median)",
                 "denoiser (median)",
                 "points",
             ]
@@ -482,9 +482,9 @@ def goals(records: list[dict[str, Any]]) -> list[tuple[str, bool, str]]:
         z = [abs(r["mean_err_nats"]) / max(r["se_nats"], 1e-300) for r in hu]
         out.append(
             (
-                "Hutchinson log-likelihood unbiased (|mean error| within 4 standard errors)",
+                "Hutchinson log-likelihood unbiased (abs(mean error) within 4 standard errors)",
                 max(z) < 4,
-                f"largest |mean err| / SE = {max(z):.2f} over {len(z)} runs",
+                f"largest abs(mean err) / SE = {max(z):.2f} over {len(z)} runs",
             )
         )
     ids = _mine(records, "intrinsic-dim")
