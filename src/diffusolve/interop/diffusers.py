@@ -7,7 +7,31 @@ the solve is our stateless core:
 
 * the config's betas (or a flow-matching config) give the process
   (:func:`diffusolve.process.from_scheduler_config`; flow configs map to rectified flow with
-  ``t`` = diffusers' sigma in ``[1/N, 1 - 1/N]``, the shift only changes the grid);
+  ``t`` = diffusers' sigma, the shift only changes the grid);
+* flow configs: the grid is diffusers' flow sigmas, computed as diffusers' flow-matching
+  Euler scheduler computes them (its default ``linspace`` from the shifted training range,
+  or the ``sigmas`` a pipeline passes; then ``shift`` or the dynamic shift with the
+  pipeline's ``mu`` (``time_shift_type``), then ``shift_terminal``), so ``timesteps`` are
+  ``sigma * N`` and start at ``N``. At ``sigma = 1`` (pure noise, ``lambda = -inf``) only the
+  first-order step is defined (every exponential integrator reduces to it as
+  ``lambda_s -> -inf``; higher-order corrections divide by ``h = inf``): a grid starting
+  above the process's ``t_max = 1 - 1/N`` takes that one *entry* step (``x + (t_1 - t_0) v``,
+  diffusers' flow Euler step) and the solver runs the rest of the grid from ``t_1``, fresh
+  (a multistep solver warms up there). With ``solver="ddim"`` (or ``"euler"``) the whole
+  solve is diffusers' flow-matching Euler scheduler;
+* DDPM-family configs: the config's end point is honoured: ``set_alpha_to_one=False`` (the
+  shipped Stable Diffusion configs) with ``solver="ddim"``, or ``final_sigmas_type=
+  "sigma_min"`` with any solver, ends the grid at ``t = 0`` (``alphas_cumprod[0]``, appended
+  to a spacing grid that stops above it) with final policy ``"none"``, as diffusers' DDIM /
+  DPM-Solver schedulers do; otherwise (``set_alpha_to_one=True``, ``final_sigmas_type=
+  "zero"``, or neither key) the last evaluation's x0 estimate is returned (``final=
+  "denoise"``). An explicit ``final`` overrides both. ``lower_order_final`` is passed to
+  solvers that have that option (diffusers' rule,
+  :func:`diffusolve.solvers.multistep.final_order_cap`). Config options that change
+  diffusers' sampler in ways this scheduler does not reproduce (``use_karras_sigmas`` and the
+  other sigma conversions, ``thresholding``, ``euler_at_final``, ``solver_type="heun"``,
+  ``invert_sigmas``, ``stochastic_sampling``, ...) are ignored with a warning naming the
+  option (use ``grid_kind`` / ``solver`` / ``solver_options`` instead);
 * ``set_timesteps`` builds the time grid and lists the solve's model evaluations: a
   multi-stage solver (Heun, singlestep DPM-Solver, PNDM's warm-up) exposes its stage times as
   extra entries of ``timesteps``, and ``final="denoise"`` (default) or ``"zero"`` adds the
@@ -45,7 +69,9 @@ independent.
 from __future__ import annotations
 
 import json
+import math
 import threading
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +95,24 @@ __all__ = ["DiffusolveScheduler", "DiffusolveSchedulerOutput", "SPACINGS"]
 #: diffusers' timestep spacings, usable as ``grid_kind`` on DDPM-family configs (the
 #: formulas of diffusers' DDIM scheduler for ``num_steps + 1`` grid points)
 SPACINGS = ("leading", "trailing", "linspace")
+
+#: options of diffusers' scheduler configs that change their sampler in ways this scheduler
+#: does not reproduce, with the value at which they are harmless; ``from_config`` warns when
+#: a config sets one to another value
+_IGNORED: dict[str, Any] = {
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "use_lu_lambdas": False,
+    "thresholding": False,
+    "clip_sample": False,
+    "euler_at_final": False,
+    "solver_type": "midpoint",
+    "algorithm_type": "dpmsolver++",
+    "invert_sigmas": False,
+    "stochastic_sampling": False,
+    "rescale_betas_zero_snr": False,
+}
 
 _COMPATIBLES = [
     "DDIMScheduler",
@@ -150,9 +194,10 @@ class DiffusolveScheduler(SchedulerMixin, ConfigMixin):
             for a ``FlowMatch*`` config).
         timestep_spacing, steps_offset: diffusers' spacing (used when ``grid_kind`` is one of
             :data:`SPACINGS`; ``steps_offset`` shifts ``"leading"``).
-        shift, use_dynamic_shifting, base_shift, max_shift, base_image_seq_len,
-            max_image_seq_len: flow-matching time shift (as diffusers' flow schedulers;
-            applied to the default flow grid and to sigmas given by the pipeline).
+        shift: flow-matching time shift (as diffusers' flow schedulers; applied to the
+            default flow grid and to sigmas given by the pipeline); ``use_dynamic_shifting``,
+            ``base_shift``, ``max_shift``, ``base_image_seq_len`` and ``max_image_seq_len``
+            set the resolution-dependent shift as in diffusers.
         solver: a registered solver name or alias (``diffusolve solvers``).
         solver_options: options of that solver (a JSON-able dict).
         grid_kind: ``None`` (default: the solver's natural grid on DDPM-family configs; on
@@ -199,10 +244,15 @@ class DiffusolveScheduler(SchedulerMixin, ConfigMixin):
         max_shift: float = 1.15,
         base_image_seq_len: int = 256,
         max_image_seq_len: int = 4096,
+        time_shift_type: str = "exponential",
+        shift_terminal: float | None = None,
+        set_alpha_to_one: bool | None = None,
+        final_sigmas_type: str | None = None,
+        lower_order_final: bool | None = None,
         solver: str = "dpmpp_2m",
         solver_options: dict[str, Any] | None = None,
         grid_kind: str | None = None,
-        final: str = "denoise",
+        final: str | None = None,
         schedule: str | None = None,
     ) -> None:
         if prediction_type not in PREDICTION_TYPES:
@@ -213,8 +263,16 @@ class DiffusolveScheduler(SchedulerMixin, ConfigMixin):
         self.prediction = PREDICTION_TYPES[prediction_type]
         self.flow = self.prediction == "velocity"
         self.process: Process = self._make_process()
-        if final not in FINALS:
-            raise ValueError(f"final must be one of {FINALS}, got {final!r}")
+        if final is not None and final not in FINALS:
+            raise ValueError(f"final must be None or one of {FINALS}, got {final!r}")
+        if time_shift_type not in ("exponential", "linear"):
+            raise ValueError(
+                f"time_shift_type must be 'exponential' or 'linear', got {time_shift_type!r}"
+            )
+        if final_sigmas_type not in (None, "zero", "sigma_min"):
+            raise ValueError(
+                f"final_sigmas_type must be None, 'zero' or 'sigma_min', got {final_sigmas_type!r}"
+            )
         kinds = GRIDS + (() if self.flow else SPACINGS)
         if grid_kind is not None and grid_kind not in kinds:
             raise ValueError(
@@ -236,6 +294,14 @@ class DiffusolveScheduler(SchedulerMixin, ConfigMixin):
             self.solver: Solver = self.schedule.solver_object()
         else:
             self.solver = get_solver(solver, **(solver_options or {}))
+            if (
+                lower_order_final is not None
+                and "lower_order_final" not in (solver_options or {})
+                and hasattr(self.solver, "lower_order_final")
+            ):
+                self.solver = self.solver.replace(lower_order_final=bool(lower_order_final))
+        #: the final policy and whether the grid ends at t = 0 (the config's end point)
+        self.final, self.end_at_zero = self._resolve_final(final)
         self.order = self.solver.evals_per_step
         self.init_noise_sigma = 1.0
         self._local = threading.local()
@@ -252,7 +318,30 @@ class DiffusolveScheduler(SchedulerMixin, ConfigMixin):
         )  # a flow-matching scheduler's config (an instance's config has no class name)
         if flow_cfg and "prediction_type" not in kwargs:
             kwargs["prediction_type"] = "flow_prediction"
+        ignored = [
+            f"{k}={cfg[k]!r}" for k, default in _IGNORED.items() if k in cfg and cfg[k] != default
+        ]
+        if ignored:
+            warnings.warn(
+                f"DiffusolveScheduler ignores these options of the {cfg.get('_class_name', '')} "
+                f"config: {', '.join(ignored)} (it runs solver/grid_kind/solver_options as "
+                "given; e.g. grid_kind='karras' for Karras sigmas)",
+                stacklevel=2,
+            )
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    def _resolve_final(self, final: str | None) -> tuple[str, bool]:
+        """The final policy and whether the grid ends at ``t = 0`` (module docstring)."""
+        if self.schedule is not None:
+            return self.schedule.final, False
+        cfg = self.config
+        end_at_zero = not self.flow and (
+            cfg.final_sigmas_type == "sigma_min"
+            or (cfg.set_alpha_to_one is False and self.solver.name == "ddim")
+        )
+        if final is not None:
+            return final, end_at_zero and final == "none"
+        return ("none", True) if end_at_zero else ("denoise", False)
 
     def _make_process(self) -> Process:
         cfg = dict(self.config)

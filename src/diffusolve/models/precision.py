@@ -98,8 +98,9 @@ def networks(model: Any) -> list[torch.nn.Module]:
 
     Example:
         >>> from diffusolve.models import load
-        >>> [type(n).__name__ for n in networks(load("digits"))]
-        ['UNet2DModel']
+        >>> nets = networks(load("digits"))
+        >>> len(nets), type(nets[0]).__name__
+        (1, 'UNet2DModel')
     """
     found: list[torch.nn.Module] = []
     seen: set[int] = set()
