@@ -391,6 +391,8 @@ def test_flow_matching_ddim_is_flow_match_euler_and_every_solver_is_our_loop():
     prior = Gaussian(torch.full((4,), 0.5, dtype=torch.float64), 0.2 * torch.eye(4), process=p)
 
     def velocity(x, t):  # exact flow velocity eps - x0 in the pipeline's convention
+        if float(t[0]) == 1.0:  # pure noise: E[x0 | x_1] is the data mean
+            return x - prior.mean
         return diffusolve.process.from_x0(p, x, t[0], prior(x, t[0]), "velocity")
 
     cfg = FlowMatchEulerDiscreteScheduler(shift=3.0).config
@@ -400,11 +402,21 @@ def test_flow_matching_ddim_is_flow_match_euler_and_every_solver_is_our_loop():
     ours = _flow_loop(DiffusolveScheduler.from_config(cfg, solver="ddim"), velocity, x, 8, sigmas)
     print(f"flow ddim vs FlowMatchEuler: {float((ours - ref).abs().max()):.2e}")
     assert float((ours - ref).abs().max()) < 1e-6
+    ref_default = FlowMatchEulerDiscreteScheduler.from_config(cfg)
+    ref_default.set_timesteps(10)
     for solver in ("unipc_bh2_2", "heun", "dpm_solver_3s"):
         s = DiffusolveScheduler.from_config(cfg, solver=solver)
         out = _flow_loop(s, velocity, x, 10, None)
+        # diffusers' default flow grid: timesteps from N; the first step (from sigma = 1,
+        # where lambda = -inf) is the entry Euler step, the solver runs the rest of the grid
+        assert float(s.timesteps[0]) == 1000.0
+        assert float(s.grid[0]) == pytest.approx(float(s.timesteps[1]) / 1000, rel=1e-6)
+        x1 = x + (float(s.grid[0]) - 1.0) * velocity(x, torch.ones(3))
         # the loop's model sees the float32 timesteps a pipeline passes (rounding ~1e-7)
         torch.testing.assert_close(
-            out, diffusolve.sample(prior, x, s.grid, solver), rtol=0, atol=1e-6
+            out, diffusolve.sample(prior, x1, s.grid, solver), rtol=0, atol=1e-6
         )
-        assert float(s.timesteps[0]) == pytest.approx(999.0)
+    s = DiffusolveScheduler.from_config(cfg, solver="ddim")
+    s.set_timesteps(10)
+    assert torch.equal(s.timesteps, ref_default.timesteps)
+    assert torch.equal(s.sigmas, ref_default.sigmas)

@@ -107,8 +107,6 @@ _IGNORED: dict[str, Any] = {
     "thresholding": False,
     "clip_sample": False,
     "euler_at_final": False,
-    "solver_type": "midpoint",
-    "algorithm_type": "dpmsolver++",
     "invert_sigmas": False,
     "stochastic_sampling": False,
     "rescale_betas_zero_snr": False,
@@ -194,19 +192,27 @@ class DiffusolveScheduler(SchedulerMixin, ConfigMixin):
             for a ``FlowMatch*`` config).
         timestep_spacing, steps_offset: diffusers' spacing (used when ``grid_kind`` is one of
             :data:`SPACINGS`; ``steps_offset`` shifts ``"leading"``).
-        shift: flow-matching time shift (as diffusers' flow schedulers; applied to the
-            default flow grid and to sigmas given by the pipeline); ``use_dynamic_shifting``,
-            ``base_shift``, ``max_shift``, ``base_image_seq_len`` and ``max_image_seq_len``
-            set the resolution-dependent shift as in diffusers.
+        shift: flow-matching time shift (as diffusers' flow-matching Euler scheduler; applied
+            to the default flow sigmas and to sigmas given by the pipeline);
+            ``use_dynamic_shifting``, ``base_shift``, ``max_shift``, ``base_image_seq_len``,
+            ``max_image_seq_len``, ``time_shift_type`` and ``shift_terminal`` set the
+            resolution-dependent shift and the terminal stretch as in diffusers.
+        set_alpha_to_one: DDIM configs' end point (``False``: ``solver="ddim"`` ends at
+            ``t = 0``; module docstring); ``None``: not set.
+        final_sigmas_type: DPM-Solver configs' end point (``"sigma_min"``: every solver
+            ends at ``t = 0``; ``"zero"`` or ``None``: at the x0 estimate).
+        lower_order_final: passed to solvers with that option (``None``: their default).
         solver: a registered solver name or alias (``diffusolve solvers``).
         solver_options: options of that solver (a JSON-able dict).
         grid_kind: ``None`` (default: the solver's natural grid on DDPM-family configs; on
-            flow configs the pipeline's sigmas, else uniform flow times shifted by the
-            config), one of :data:`diffusolve.process.GRIDS`, or one of :data:`SPACINGS`.
+            flow configs diffusers' flow sigmas: the pipeline's, else its default linspace,
+            shifted by the config), one of :data:`diffusolve.process.GRIDS`, or one of
+            :data:`SPACINGS`.
             An explicit ``grid_kind`` takes precedence over sigmas / timesteps passed by a
             pipeline to ``set_timesteps``.
         final: the final policy (``"denoise"``, ``"zero"``, ``"none"``; see
-            :func:`diffusolve.sample`).
+            :func:`diffusolve.sample`); ``None`` (default): the config's end point (module
+            docstring).
         schedule: a searched schedule (a JSON file or a shipped name); fixes the grid,
             solver and final policy.
 
@@ -321,6 +327,8 @@ class DiffusolveScheduler(SchedulerMixin, ConfigMixin):
         ignored = [
             f"{k}={cfg[k]!r}" for k, default in _IGNORED.items() if k in cfg and cfg[k] != default
         ]
+        if "DPMSolver" in str(cfg.get("_class_name", "")) and cfg.get("solver_type") == "heun":
+            ignored.append("solver_type='heun'")
         if ignored:
             warnings.warn(
                 f"DiffusolveScheduler ignores these options of the {cfg.get('_class_name', '')} "
@@ -399,7 +407,8 @@ class DiffusolveScheduler(SchedulerMixin, ConfigMixin):
 
     @property
     def grid(self) -> Tensor:
-        """The solve's time grid in our process's units (float64)."""
+        """The time grid the solver runs, in our process's units (float64); on a flow grid
+        from sigma = 1 it starts after the entry step (at ``timesteps[1] / N``)."""
         return self._run["grid"]
 
     @property
@@ -431,36 +440,88 @@ class DiffusolveScheduler(SchedulerMixin, ConfigMixin):
         timesteps: Sequence[float] | None,
         mu: float | None,
     ) -> Tensor:
+        """A DDPM-family grid of ``n_steps`` steps (ending at ``t = 0`` with ``end_at_zero``)."""
         cfg, p, kind = self.config, self.process, self.config.grid_kind
-        points = n_steps + 1
-        if kind in GRIDS:
-            return make_grid(p, n_steps, kind)
+        if kind in GRIDS or (kind is None and timesteps is None and sigmas is None):
+            # a grid kind, default the solver's natural one (both end at t_min = 0)
+            return make_grid(p, n_steps, kind or self.solver.natural_grid)
+        if sigmas is not None:
+            raise ValueError(
+                "sigmas= is for flow-matching configs; pass timesteps= or set grid_kind"
+            )
         if kind in SPACINGS:
-            g = _spacing(kind, points, int(cfg.num_train_timesteps), int(cfg.steps_offset))
-        elif timesteps is not None:
-            g = _resample(self._from_pipeline(torch.as_tensor(timesteps)).tolist(), points)
-        elif sigmas is not None:
-            s = np.asarray(sigmas, dtype=np.float64)
-            if not self.flow:
-                raise ValueError(
-                    "sigmas= is for flow-matching configs; pass timesteps= or set grid_kind"
-                )
-            g = _resample(self._shift(s, mu), points)
-        elif self.flow:
-            n = int(cfg.num_train_timesteps)
-            g = self._shift(np.linspace(1.0, 1.0 / n, points), mu)
+            n_train, offset = int(cfg.num_train_timesteps), int(cfg.steps_offset)
+            if not self.end_at_zero:
+                g = _spacing(kind, n_steps + 1, n_train, offset)
+            else:  # the evaluation times, then the config's end point t = 0
+                g = _spacing(kind, n_steps, n_train, offset)
+                g = np.append(g, 0.0) if g[-1] > 0 else _spacing(kind, n_steps + 1, n_train, offset)
         else:
-            return make_grid(p, n_steps, self.solver.natural_grid)
+            g = _resample(self._from_pipeline(torch.as_tensor(timesteps)).tolist(), n_steps + 1)
         g = np.clip(g, p.t_min, p.t_max)
         return check_grid(p, torch.as_tensor(g, dtype=torch.float64))
 
-    def _shift(self, s: np.ndarray, mu: float | None) -> np.ndarray:
+    def _flow_sigmas(self, n: int, sigmas: Sequence[float] | None, mu: float | None) -> np.ndarray:
+        """``n`` flow sigmas exactly as diffusers' flow-matching Euler scheduler computes them
+        (float32, then float64): the default ``linspace`` over the (shifted) training range
+        or the given ``sigmas``, then the static or dynamic shift, then ``shift_terminal``."""
         cfg = self.config
+        n_train = int(cfg.num_train_timesteps)
+        if cfg.use_dynamic_shifting and mu is None:
+            raise ValueError(
+                "use_dynamic_shifting=True needs mu (flow pipelines pass it to set_timesteps)"
+            )
+        if sigmas is None:
+            train = torch.arange(n_train, 0, -1, dtype=torch.float32) / n_train
+            if not cfg.use_dynamic_shifting:
+                train = cfg.shift * train / (1 + (cfg.shift - 1) * train)
+            hi, lo = train[0].item() * n_train, train[-1].item() * n_train
+            s = np.linspace(hi, lo, n) / n_train
+        else:
+            s = np.asarray(sigmas).astype(np.float32)
         if cfg.use_dynamic_shifting:
-            if mu is None:
-                raise ValueError("use_dynamic_shifting needs mu (the pipeline passes it)")
-            return np.exp(mu) / (np.exp(mu) + (1 / s - 1))
-        return cfg.shift * s / (1 + (cfg.shift - 1) * s)
+            e = math.exp(mu) if cfg.time_shift_type == "exponential" else mu
+            s = e / (e + (1 / s - 1) ** 1.0)
+        else:
+            s = cfg.shift * s / (1 + (cfg.shift - 1) * s)
+        if cfg.shift_terminal:
+            z = 1 - s
+            s = 1 - z / (z[-1] / (1 - cfg.shift_terminal))
+        return np.asarray(s).astype(np.float32).astype(np.float64)
+
+    def _flow_grid(
+        self,
+        nfe: int,
+        sigmas: Sequence[float] | None,
+        timesteps: Sequence[float] | None,
+        mu: float | None,
+        final: str,
+    ) -> tuple[float | None, int, Tensor]:
+        """``(entry, n_steps, grid)`` for a flow config: ``entry`` is the first sigma when it
+        lies above ``t_max`` (the entry step, module docstring), else ``None``."""
+        p, kind = self.process, self.config.grid_kind
+        if kind in GRIDS:
+            n_steps = steps_for_nfe(self.solver, nfe, final)
+            return None, n_steps, make_grid(p, n_steps, kind)
+        if timesteps is not None and sigmas is None:
+            s = self._from_pipeline(torch.as_tensor(timesteps)).numpy()
+        else:
+            s = self._flow_sigmas(nfe, sigmas, mu)
+        entry = float(s[0]) if s[0] > p.t_max else None
+        if entry is not None:
+            if s.size < 2:
+                raise ValueError("a flow grid from sigma = 1 needs at least two sigmas")
+            s = s[1:]
+            nfe -= 1  # the entry step's evaluation
+        try:
+            n_steps = steps_for_nfe(self.solver, nfe, final)
+        except ValueError as err:
+            raise ValueError(
+                f"{err} (a flow grid starting at sigma = 1 spends one evaluation on the entry "
+                "step: ask for one more step)"
+            ) from None
+        g = np.clip(_resample(s, n_steps + 1), p.t_min, p.t_max)
+        return entry, n_steps, check_grid(p, torch.as_tensor(g, dtype=torch.float64))
 
     def set_timesteps(
         self,
@@ -482,25 +543,28 @@ class DiffusolveScheduler(SchedulerMixin, ConfigMixin):
             mu: the dynamic shift of flow pipelines (``use_dynamic_shifting``).
             timesteps: grid times in the pipeline's units, resampled likewise.
         """
-        final = self.config.final
+        final, entry = self.final, None
         if self.schedule is not None:
             grid = self.schedule.grid_tensor()
-            final = self.schedule.final
-            n_steps = grid.numel() - 1
         else:
             if num_inference_steps is None:
                 given = timesteps if timesteps is not None else sigmas
                 if given is None:
                     raise ValueError("give num_inference_steps (or timesteps / sigmas)")
                 num_inference_steps = len(given)
-            n_steps = steps_for_nfe(self.solver, int(num_inference_steps), final)
-            grid = self._grid(n_steps, sigmas, timesteps, mu)
-        times = torch.tensor(evaluation_times(self.solver, self.process, grid, final))
+            nfe = int(num_inference_steps)
+            if self.flow:
+                entry, _, grid = self._flow_grid(nfe, sigmas, timesteps, mu, final)
+            else:
+                grid = self._grid(steps_for_nfe(self.solver, nfe, final), sigmas, timesteps, mu)
+        solved = evaluation_times(self.solver, self.process, grid, final)
+        times = torch.tensor(([entry] if entry is not None else []) + solved)
         st = self.process.sigma_tilde(times).to(torch.float32)
         if self.flow:
             st = times.to(torch.float32)
         self._local.run = {
             "grid": grid,
+            "entry": entry,
             "final": final,
             "times": times,
             "timesteps": self._to_pipeline(times).to(torch.float32).to(device),
@@ -541,6 +605,8 @@ class DiffusolveScheduler(SchedulerMixin, ConfigMixin):
                 f"step() got timestep {got:g} but entry {k} of this scheduler's timesteps is "
                 f"{expected:g}; step through scheduler.timesteps in order"
             )
+        if k == 0 and run["entry"] is not None and run["begin"] == 0:
+            return self._entry_step(run, model_output, sample, return_dict)
         solve: PushSolve | None = run["solve"]
         if solve is None:
             solve = self._start(run, sample)
@@ -551,6 +617,20 @@ class DiffusolveScheduler(SchedulerMixin, ConfigMixin):
         solve.feed(x0)
         run["index"] = k + 1
         out = solve.result if solve.done else solve.query[0]  # type: ignore[index]
+        if not return_dict:
+            return (out, x0)
+        return DiffusolveSchedulerOutput(prev_sample=out, pred_original_sample=x0)
+
+    def _entry_step(
+        self, run: dict[str, Any], velocity: Tensor, sample: Tensor, return_dict: bool
+    ) -> DiffusolveSchedulerOutput | tuple[Tensor, Tensor]:
+        """The first-order step from ``t_0 > t_max`` (sigma = 1: pure noise) to the grid's
+        first time: ``x + (t_1 - t_0) v``, with ``x0 = x - t_0 v``."""
+        t0, t1 = run["entry"], float(run["grid"][0])
+        v = velocity.to(sample.dtype)
+        x0 = sample - t0 * v
+        run["index"] = 1
+        out = sample + (t1 - t0) * v
         if not return_dict:
             return (out, x0)
         return DiffusolveSchedulerOutput(prev_sample=out, pred_original_sample=x0)
