@@ -420,3 +420,69 @@ def test_flow_matching_ddim_is_flow_match_euler_and_every_solver_is_our_loop():
     s.set_timesteps(10)
     assert torch.equal(s.timesteps, ref_default.timesteps)
     assert torch.equal(s.sigmas, ref_default.sigmas)
+
+
+# ---------------------------------------------------------------------- SD's own defaults
+SD_DEFAULT = {  # Stable Diffusion's shipped scheduler config (DDIM / PNDM keys)
+    **SD_CONFIG,
+    "set_alpha_to_one": False,
+    "timestep_spacing": "leading",
+}
+
+
+@pytest.mark.parametrize(
+    "solver,reference,cfg,spacing,steps",
+    [
+        ("ddim", DDIMScheduler, SD_DEFAULT, "leading", 10),
+        ("ddim", DDIMScheduler, {**SD_DEFAULT, "timestep_spacing": "trailing"}, "trailing", 5),
+        ("dpmpp_2m", DPMSolverMultistepScheduler, {}, "linspace", 8),
+        (
+            "dpmpp_2m",
+            DPMSolverMultistepScheduler,
+            {"final_sigmas_type": "sigma_min"},
+            "linspace",
+            8,
+        ),
+        (
+            "dpmpp_2m",
+            DPMSolverMultistepScheduler,
+            {"final_sigmas_type": "sigma_min"},
+            "trailing",
+            6,
+        ),
+    ],
+)
+def test_images_equal_diffusers_with_sd_default_configs(sd, solver, reference, cfg, spacing, steps):
+    """SD's defaults: DDIM with ``set_alpha_to_one=False`` (the last step lands on
+    ``alphas_cumprod[0]``, our grid ends at t = 0 with final ``"none"``), DPM-Solver++ 2M with
+    diffusers' defaults (``final_sigmas_type="zero"``, ``lower_order_final``) and with
+    ``"sigma_min"`` (ends at t = 0, last step first order)."""
+    base = {k: SD_CONFIG[k] for k in ("beta_start", "beta_end", "beta_schedule")}
+    config = reference.from_config({**base, **cfg, "timestep_spacing": spacing}).config
+    sd.scheduler = reference.from_config(config)
+    ref, ref_lat = generate(sd, steps), generate(sd, steps, output_type="latent")
+    ref_times = sd.scheduler.timesteps.tolist()
+    sd.scheduler = DiffusolveScheduler.from_config(config, solver=solver, grid_kind=spacing)
+    ours, lat = generate(sd, steps), generate(sd, steps, output_type="latent")
+    assert sd.scheduler.timesteps.tolist() == ref_times
+    end_at_zero = (
+        cfg.get("set_alpha_to_one") is False or cfg.get("final_sigmas_type") == "sigma_min"
+    )
+    assert sd.scheduler.final == ("none" if end_at_zero else "denoise")
+    assert float(sd.scheduler.grid[-1]) == (0.0 if end_at_zero else ref_times[-1])
+    d_img, d_lat = float((ours - ref).abs().max()), float((lat - ref_lat).abs().max())
+    print(
+        f"SD default {solver} vs {reference.__name__} ({spacing}, {cfg}), {steps} steps: "
+        f"images {d_img:.2e}, latents {d_lat:.2e} (max |latent| {float(ref_lat.abs().max()):.1f})"
+    )
+    assert d_img < 1e-6 and d_lat < 1e-6 * float(ref_lat.abs().max())
+
+
+def test_unreproduced_config_options_warn():
+    cfg = DPMSolverMultistepScheduler(use_karras_sigmas=True, euler_at_final=True).config
+    with pytest.warns(UserWarning, match="use_karras_sigmas=True, euler_at_final=True"):
+        s = DiffusolveScheduler.from_config(cfg, solver="dpmpp_2m")
+    assert s.solver.lower_order_final is True  # the config's lower_order_final is passed on
+    assert DiffusolveScheduler.from_config(cfg, solver="dpmpp_2m", final="zero").final == "zero"
+    with pytest.raises(ValueError, match="final_sigmas_type"):
+        DiffusolveScheduler(final_sigmas_type="nope")

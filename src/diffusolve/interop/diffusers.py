@@ -31,7 +31,11 @@ the solve is our stateless core:
   diffusers' sampler in ways this scheduler does not reproduce (``use_karras_sigmas`` and the
   other sigma conversions, ``thresholding``, ``euler_at_final``, ``solver_type="heun"``,
   ``invert_sigmas``, ``stochastic_sampling``, ...) are ignored with a warning naming the
-  option (use ``grid_kind`` / ``solver`` / ``solver_options`` instead);
+  option (use ``grid_kind`` / ``solver`` / ``solver_options`` instead). With ``grid_kind``
+  ``"linspace"`` a config with ``final_sigmas_type`` uses the DPM-Solver schedulers'
+  linspace (``n + 1`` times to 0, the 0 dropped), others DDIM's; ``"leading"`` is DDIM's
+  formula for both; DDIM's last step at a step count not dividing ``N`` goes to its next
+  timestep (diffusers' DDIM goes to ``t - N // n``, which is not one);
 * ``set_timesteps`` builds the time grid and lists the solve's model evaluations: a
   multi-stage solver (Heun, singlestep DPM-Solver, PNDM's warm-up) exposes its stage times as
   extra entries of ``timesteps``, and ``final="denoise"`` (default) or ``"zero"`` adds the
@@ -68,6 +72,7 @@ independent.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import threading
@@ -324,6 +329,13 @@ class DiffusolveScheduler(SchedulerMixin, ConfigMixin):
         )  # a flow-matching scheduler's config (an instance's config has no class name)
         if flow_cfg and "prediction_type" not in kwargs:
             kwargs["prediction_type"] = "flow_prediction"
+        # diffusers skips a config's keys that held its class's defaults when it was made
+        # ("_use_default_values"); those defaults are the config's meaning here (e.g. the
+        # DPM-Solver scheduler's lower_order_final=True), so they are passed explicitly
+        own = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        for k in cfg.get("_use_default_values", []):
+            if k in own and k not in kwargs and k in cfg:
+                kwargs[k] = cfg[k]
         ignored = [
             f"{k}={cfg[k]!r}" for k, default in _IGNORED.items() if k in cfg and cfg[k] != default
         ]
@@ -451,10 +463,13 @@ class DiffusolveScheduler(SchedulerMixin, ConfigMixin):
             )
         if kind in SPACINGS:
             n_train, offset = int(cfg.num_train_timesteps), int(cfg.steps_offset)
-            if not self.end_at_zero:
-                g = _spacing(kind, n_steps + 1, n_train, offset)
-            else:  # the evaluation times, then the config's end point t = 0
-                g = _spacing(kind, n_steps, n_train, offset)
+            n_eval = n_steps if self.end_at_zero else n_steps + 1
+            if kind == "linspace" and cfg.final_sigmas_type is not None:
+                # DPM-Solver configs' linspace: n + 1 times from N - 1 to 0, the 0 dropped
+                g = _spacing(kind, n_eval + 1, n_train, offset)[:-1]
+            else:
+                g = _spacing(kind, n_eval, n_train, offset)
+            if self.end_at_zero:  # the evaluation times, then the config's end point t = 0
                 g = np.append(g, 0.0) if g[-1] > 0 else _spacing(kind, n_steps + 1, n_train, offset)
         else:
             g = _resample(self._from_pipeline(torch.as_tensor(timesteps)).tolist(), n_steps + 1)
