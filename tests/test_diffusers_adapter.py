@@ -18,11 +18,12 @@ import json
 
 import pytest
 import torch
+from _tiny_pipelines import tiny_cond_unet as _tiny_cond_unet
+from _tiny_pipelines import tiny_unet
 from diffusers import (  # a hard dependency: a missing diffusers must fail, not skip
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     UNet2DConditionModel,
-    UNet2DModel,
 )
 
 import diffusolve  # noqa: E402
@@ -36,33 +37,12 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 F64 = torch.float64
 
 
-def tiny_unet(seed: int = 0, **kw) -> UNet2DModel:
-    torch.manual_seed(seed)
-    cfg = dict(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
-    cfg.update(kw)
-    return UNet2DModel(**cfg)
-
-
 def tiny_cond_unet(seed: int = 0) -> UNet2DConditionModel:
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
+    """:func:`_tiny_pipelines.tiny_cond_unet` narrowed to 8 / 16 channels, width 8."""
+    return _tiny_cond_unet(
+        seed,
         block_out_channels=(8, 16),
-        layers_per_block=1,
         norm_num_groups=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=8,
         attention_head_dim=2,
     )

@@ -13,13 +13,12 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from _tiny_pipelines import DIM, LENGTH, clip_text_config, clip_tokenizer, tiny_vae
 from diffusers import (
-    AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
-from test_diffusers_scheduler import DIM, LENGTH, _clip_tokenizer
 
 from diffusolve.diffusers import DiffusolveScheduler
 
@@ -30,25 +29,12 @@ FLOW_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0}  # SD3's shipped shift
 
 def _clip(n_vocab: int, seed: int) -> transformers.CLIPTextModelWithProjection:
     torch.manual_seed(seed)
-    return transformers.CLIPTextModelWithProjection(
-        transformers.CLIPTextConfig(
-            vocab_size=n_vocab,
-            hidden_size=DIM // 2,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=LENGTH,
-            projection_dim=DIM // 2,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    )
+    return transformers.CLIPTextModelWithProjection(clip_text_config(n_vocab, DIM // 2))
 
 
 def tiny_sd3_pipeline(folder, dtype=torch.float64, **scheduler) -> StableDiffusion3Pipeline:
     """SD3 of tiny random parts: 8x8 latents (16 channels), 16x16 images."""
-    tokenizer, n_vocab = _clip_tokenizer(folder)
+    tokenizer, n_vocab = clip_tokenizer(folder)
     torch.manual_seed(0)
     transformer = SD3Transformer2DModel(
         sample_size=8,
@@ -63,15 +49,8 @@ def tiny_sd3_pipeline(folder, dtype=torch.float64, **scheduler) -> StableDiffusi
         pooled_projection_dim=DIM,  # the two pooled projections concatenated
         pos_embed_max_size=16,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
+    vae = tiny_vae(
         latent_channels=16,
-        norm_num_groups=4,
-        sample_size=16,
         use_quant_conv=False,
         use_post_quant_conv=False,
         shift_factor=0.0609,

@@ -7,22 +7,18 @@ compared, so differences are rounding only."""
 from __future__ import annotations
 
 import json
-import string
 import threading
 from pathlib import Path
 
 import pytest
 import torch
-import transformers
+from _tiny_pipelines import tiny_sd_parts, tiny_unet
 from diffusers import (
-    AutoencoderKL,
     DDIMScheduler,
     DDPMPipeline,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
     StableDiffusionPipeline,
-    UNet2DConditionModel,
-    UNet2DModel,
 )
 
 import diffusolve
@@ -34,9 +30,6 @@ from diffusolve.solvers import get_solver, list_solvers
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-WORDS = ("a", "photo", "of", "cat", "dog")
-LENGTH = 8
-DIM = 32
 SD_CONFIG = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
@@ -50,76 +43,11 @@ SD_CONFIG = {
 DETERMINISTIC = [n for n in list_solvers() if not get_solver(n).stochastic]
 
 
-def _clip_tokenizer(folder):
-    vocab: dict[str, int] = {}
-    for tok in ["<|startoftext|>", "<|endoftext|>"] + [
-        c + end for end in ("", "</w>") for c in string.ascii_lowercase
-    ]:
-        vocab.setdefault(tok, len(vocab))
-    merges: list[str] = []
-    for word in WORDS:
-        cur = word[0]
-        for i, c in enumerate(word[1:]):
-            nxt = c + ("</w>" if i == len(word) - 2 else "")
-            if f"{cur} {nxt}" not in merges:
-                merges.append(f"{cur} {nxt}")
-            cur += nxt
-            vocab.setdefault(cur, len(vocab))
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tok = transformers.CLIPTokenizer(
-        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=LENGTH
-    )
-    return tok, len(vocab)
-
-
 def tiny_sd_pipeline(folder) -> StableDiffusionPipeline:
     """A Stable-Diffusion pipeline of tiny random float64 parts (8x8 latents, 16x16 images)."""
-    torch.manual_seed(0)
-    tokenizer, n_vocab = _clip_tokenizer(folder)
-    text_encoder = transformers.CLIPTextModel(
-        transformers.CLIPTextConfig(
-            vocab_size=n_vocab,
-            hidden_size=DIM,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=LENGTH,
-            projection_dim=DIM,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-    )
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
-        cross_attention_dim=DIM,
-        attention_head_dim=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    )
-    for m in (text_encoder, vae, unet):
-        m.double().eval()
+    parts = tiny_sd_parts(folder)
     pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
+        **parts,
         scheduler=DDIMScheduler(**SD_CONFIG),
         safety_checker=None,
         feature_extractor=None,
@@ -341,17 +269,7 @@ def test_ddpm_pipeline_with_a_v_prediction_unet_and_a_shipped_schedule():
 
     folder = Path(diffusolve.__file__).parent / "assets" / "digits" / "scheduler"
     cfg = json.loads((folder / "scheduler_config.json").read_text())
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    ).eval()
+    unet = tiny_unet().eval()
     sched = DiffusolveScheduler.from_config(cfg, schedule="digits-nfe5-usf")
     pipe = DDPMPipeline(unet=unet, scheduler=sched)
     pipe.set_progress_bar_config(disable=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel, UNet2DModel
+from _tiny_pipelines import DIM, tiny_cond_unet, tiny_unet
 from diffusers.models.attention_processor import AttnProcessor
 
 import diffusolve
@@ -24,22 +24,13 @@ from diffusolve.models import Gaussian, from_diffusers
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-L, D = 5, 32
+L, D = 5, DIM
 SCHED = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        norm_num_groups=8,
-        cross_attention_dim=D,
-        attention_head_dim=8,
+    unet = tiny_cond_unet(
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     ).double()
@@ -295,13 +286,8 @@ def test_attention_method_without_cross_attention_is_a_clear_error():
     gauss = Gaussian(torch.zeros(2), torch.eye(2), process=diffusolve.process.ddpm())
     with pytest.raises(ValueError, match=r"'p2p'.*no diffusers UNet"):
         diffusolve.edit(gauss, x, source=None, target=None, method="p2p")
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
+    unet = tiny_unet(
+        None,
         down_block_types=("AttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "AttnUpBlock2D"),
     )
@@ -364,20 +350,8 @@ def token_model():
     from diffusolve.models.bundled import TokenConditioned
     from diffusolve.models.tokens import DigitsTokenizer, TokenEmbedding
 
-    torch.manual_seed(0)
     tok = DigitsTokenizer()
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        norm_num_groups=8,
-        cross_attention_dim=D,
-        attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    ).double()
+    unet = tiny_cond_unet(0).double()
     encoder = TokenEmbedding(len(tok), tok.max_length, D).double()
     return TokenConditioned(from_diffusers(unet, SCHED), tok, encoder)
 

@@ -9,13 +9,10 @@ text embeddings, attention processors on a real cross-attention UNet), not image
 
 from __future__ import annotations
 
-import json
-import string
-
 import pytest
 import torch
-import transformers  # a dev dependency: its absence fails the file instead of skipping it
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from _tiny_pipelines import DIM, LENGTH, tiny_sd_parts
+from _tiny_pipelines import WORDS as SD_WORDS
 from torch import Tensor
 
 import diffusolve
@@ -31,32 +28,8 @@ from diffusolve.models import Denoiser, from_diffusers
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-WORDS = ("a", "photo", "of", "cat", "dog", "thick", "thin")
-LENGTH = 8  # tokens per prompt (start, words, end / padding)
-DIM = 32
+WORDS = (*SD_WORDS, "thick", "thin")
 SCHED = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
-
-
-def _write_clip_vocab(folder) -> tuple[str, str]:
-    """A byte-pair vocabulary for WORDS: single letters, letter+</w>, and the merges that
-    build each word (so every word is one token)."""
-    vocab: dict[str, int] = {}
-    for tok in ["<|startoftext|>", "<|endoftext|>"] + [
-        c + end for end in ("", "</w>") for c in string.ascii_lowercase
-    ]:
-        vocab.setdefault(tok, len(vocab))
-    merges: list[str] = []
-    for word in WORDS:
-        cur = word[0]
-        for i, c in enumerate(word[1:]):
-            nxt = c + ("</w>" if i == len(word) - 2 else "")
-            if f"{cur} {nxt}" not in merges:
-                merges.append(f"{cur} {nxt}")
-            cur += nxt
-            vocab.setdefault(cur, len(vocab))
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return str(folder / "vocab.json"), str(folder / "merges.txt")
 
 
 class ClipTokens:
@@ -106,48 +79,8 @@ class LatentTextToImage(Denoiser):
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
-    torch.manual_seed(0)
-    vocab, merges = _write_clip_vocab(tmp_path_factory.mktemp("clip"))
-    tokenizer = transformers.CLIPTokenizer(vocab, merges, model_max_length=LENGTH)
-    text_encoder = transformers.CLIPTextModel(
-        transformers.CLIPTextConfig(
-            vocab_size=len(json.load(open(vocab))),
-            hidden_size=DIM,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=LENGTH,
-            projection_dim=DIM,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-    )
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        norm_num_groups=8,
-        cross_attention_dim=DIM,
-        attention_head_dim=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    )
-    for m in (text_encoder, vae, unet):
-        m.double().eval()
-    return LatentTextToImage(unet, text_encoder, tokenizer, vae)
+    parts = tiny_sd_parts(tmp_path_factory.mktemp("clip"), WORDS, unet_channels=(32, 64))
+    return LatentTextToImage(**parts)
 
 
 @pytest.fixture(scope="module")
