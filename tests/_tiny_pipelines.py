@@ -84,43 +84,39 @@ def tiny_vae(latent_channels: int = 4, **kw) -> AutoencoderKL:
     return AutoencoderKL(**{**cfg, **kw})
 
 
-def tiny_unet(seed: int | None = 0, **kw) -> UNet2DModel:
-    """A one-channel 8x8 ``UNet2DModel``, torch's generator seeded with ``seed`` first (left
-    as it is with ``None``); ``kw`` overrides the config."""
+def _seeded(cls, seed: int | None, cfg: dict, kw: dict):
+    """``cls`` of a one-channel 8x8 one-layer-per-block config, ``cfg``, then ``kw``; torch's
+    generator seeded with ``seed`` first (left as it is with ``None``)."""
     if seed is not None:
         torch.manual_seed(seed)
+    base = dict(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1)
+    return cls(**{**base, **cfg, **kw})
+
+
+def tiny_unet(seed: int | None = 0, **kw) -> UNet2DModel:
+    """A one-channel 8x8 ``UNet2DModel`` 8 / 16 channels wide (seeded as :func:`_seeded`);
+    ``kw`` overrides the config."""
     cfg = dict(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
         block_out_channels=(8, 16),
-        layers_per_block=1,
         norm_num_groups=4,
         down_block_types=("DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D"),
     )
-    return UNet2DModel(**{**cfg, **kw})
+    return _seeded(UNet2DModel, seed, cfg, kw)
 
 
 def tiny_cond_unet(seed: int | None = 0, **kw) -> UNet2DConditionModel:
-    """A one-channel 8x8 cross-attention ``UNet2DConditionModel`` of width ``DIM``, torch's
-    generator seeded with ``seed`` first (left as it is with ``None``); ``kw`` overrides the
-    config."""
-    if seed is not None:
-        torch.manual_seed(seed)
+    """A one-channel 8x8 cross-attention ``UNet2DConditionModel`` 32 / 64 channels wide, of
+    cross-attention width ``DIM`` (seeded as :func:`_seeded`); ``kw`` overrides the config."""
     cfg = dict(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
         block_out_channels=(32, 64),
-        layers_per_block=1,
         norm_num_groups=8,
         cross_attention_dim=DIM,
         attention_head_dim=8,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     )
-    return UNet2DConditionModel(**{**cfg, **kw})
+    return _seeded(UNet2DConditionModel, seed, cfg, kw)
 
 
 def tiny_sd_parts(folder: Path, words=WORDS, unet_channels=(16, 32)) -> dict:
