@@ -28,6 +28,7 @@ LAYERS = {
     "guidance": 3,
     "inverse": 3,
     "sampling": 3,
+    "accel": 3,
     "kdiff": 3,
     "inversion": 4,
     "compose": 4,

@@ -1,0 +1,251 @@
+"""Feature caching (diffusolve.accel.cache): schedules, exactness of DeepCache and encoder
+propagation against the plain UNet and against the features computed by hand, removal of
+the hooks, and use inside ``diffusolve.sample`` (multistep, single-step, guidance)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import diffusolve
+from diffusolve.accel import (
+    CacheSchedule,
+    DeepCache,
+    EncoderPropagation,
+    deep_cache,
+    encoder_propagation,
+    find_unet,
+    prior_noise_injection,
+)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return find_unet(diffusolve.load("digits"))
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(3, 1, 16, 16, generator=g) for _ in range(3)]
+    ts = [torch.tensor(900.0), torch.tensor(700.0), torch.tensor(500.0)]
+    labels = torch.tensor([1, 4, 10])
+    return xs, ts, labels
+
+
+def _plain(unet, x, t, y):
+    return unet(x, t, y, return_dict=False)[0]
+
+
+def _encode(unet, x, t, y, upto=None):
+    """emb, conv_in output, the skips of down blocks 0..upto and the last sample (by hand)."""
+    emb = unet.time_embedding(unet.time_proj(t[None].expand(x.shape[0])).to(x.dtype))
+    emb = emb + unet.class_embedding(y)
+    h = unet.conv_in(x)
+    skips = [h]
+    blocks = unet.down_blocks if upto is None else unet.down_blocks[: upto + 1]
+    for block in blocks:
+        h, res = block(hidden_states=h, temb=emb)
+        skips.extend(res)
+    return emb, skips, h
+
+
+def _decode(unet, h, skips, emb, first=0):
+    """Up blocks ``first..`` on the feature ``h`` with the skips, then the output head."""
+    # the up blocks from ``first`` on take the first skips (the deeper ones feed the rest)
+    skips = list(skips)[: sum(len(b.resnets) for b in unet.up_blocks[first:])]
+    for block in unet.up_blocks[first:]:
+        n = len(block.resnets)
+        res, skips = tuple(skips[-n:]), skips[:-n]
+        h = block(h, res, emb)
+    return unet.conv_out(unet.conv_act(unet.conv_norm_out(h)))
+
+
+def test_schedules():
+    u = CacheSchedule.uniform(10, 3)
+    assert u.full_indices == (0, 3, 6, 9) and (u.n_full, u.n_cached) == (4, 6)
+    assert CacheSchedule.uniform(5, 1).full == (True,) * 5
+    n = CacheSchedule.nonuniform(21, 3)
+    assert n.n_full >= 7 and n.full_indices[0] == 0 and n.full_indices[-1] == 20
+    gaps = [b - a for a, b in zip(n.full_indices, n.full_indices[1:], strict=False)]
+    mid = len(gaps) // 2
+    assert min(gaps[mid - 1 : mid + 1]) < max(gaps[0], gaps[-1])  # denser at the centre
+    k = CacheSchedule.key_steps(50)
+    assert k.full_indices == (0, 1, 2, 3, 5, 10, 15, 25, 35)
+    assert CacheSchedule.key_steps(21).full_indices[0] == 0
+    with pytest.raises(ValueError, match="must contain 0"):
+        CacheSchedule.from_steps([1, 2], 4)
+    with pytest.raises(ValueError, match="outside"):
+        CacheSchedule.from_steps([0, 4], 4)
+    with pytest.raises(ValueError, match="first evaluation must be full"):
+        CacheSchedule((False, True))
+    with pytest.raises(ValueError, match="interval"):
+        CacheSchedule.uniform(4, 0)
+    with pytest.raises(ValueError, match="center"):
+        CacheSchedule.nonuniform(4, 2, center=1.5)
+
+
+@pytest.mark.parametrize("make", [lambda u, s: DeepCache(u, s, 1), EncoderPropagation])
+def test_all_full_is_bitwise_plain(unet, inputs, make):
+    xs, ts, y = inputs
+    with torch.no_grad():
+        ref = [_plain(unet, x, t, y) for x, t in zip(xs, ts, strict=True)]
+        with make(unet, CacheSchedule.uniform(3, 1)) as run:
+            out = [_plain(unet, x, t, y) for x, t in zip(xs, ts, strict=True)]
+    assert all(torch.equal(a, b) for a, b in zip(ref, out, strict=True))
+    assert (run.n_full, run.n_cached) == (3, 0)
+
+
+@pytest.mark.parametrize("branch", [0, 1, 2])
+def test_deepcache_equals_manual(unet, inputs, branch):
+    xs, ts, y = inputs
+    k = len(unet.down_blocks)
+    sched = CacheSchedule.from_steps([0], 3)
+    with torch.no_grad():
+        # by hand: the deep feature (input of up block K-1-b) of the first call
+        emb0, skips0, h0 = _encode(unet, xs[0], ts[0], y)
+        h = unet.mid_block(h0, emb0)
+        for block in unet.up_blocks[: k - 1 - branch]:
+            n = len(block.resnets)
+            res, skips0 = tuple(skips0[-n:]), skips0[:-n]
+            h = block(h, res, emb0)
+        manual = []
+        for x, t in zip(xs[1:], ts[1:], strict=True):
+            emb, skips, _ = _encode(unet, x, t, y, upto=branch)
+            manual.append(_decode(unet, h, skips, emb, first=k - 1 - branch))
+        with deep_cache(unet, sched, branch=branch) as run:
+            first = _plain(unet, xs[0], ts[0], y)
+            cached = [_plain(unet, x, t, y) for x, t in zip(xs[1:], ts[1:], strict=True)]
+        assert torch.equal(first, _plain(unet, xs[0], ts[0], y))
+    for a, b in zip(cached, manual, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert (run.n_full, run.n_cached) == (1, 2)
+    # the cached call differs from the plain one (the cache is really used)
+    assert not torch.allclose(cached[0], _plain(unet, xs[1], ts[1], y), atol=1e-3)
+
+
+def test_encoder_propagation_equals_manual(unet, inputs):
+    xs, ts, y = inputs
+    with torch.no_grad():
+        emb0, skips0, h0 = _encode(unet, xs[0], ts[0], y)
+        mid0 = unet.mid_block(h0, emb0)
+        with encoder_propagation(unet, CacheSchedule.from_steps([0], 3)) as run:
+            _plain(unet, xs[0], ts[0], y)
+            cached = [_plain(unet, x, t, y) for x, t in zip(xs[1:], ts[1:], strict=True)]
+        for x, t, out in zip(xs[1:], ts[1:], cached, strict=True):
+            emb, _, _ = _encode(unet, x, t, y, upto=-1)
+            torch.testing.assert_close(out, _decode(unet, mid0, skips0, emb), rtol=0, atol=1e-6)
+        # the decoder does not see x at a non-key call: another x gives the same output
+        with encoder_propagation(unet, CacheSchedule.from_steps([0], 2)):
+            _plain(unet, xs[0], ts[0], y)
+            other = _plain(unet, xs[2], ts[1], y)
+    assert torch.equal(other, cached[0])
+    assert (run.n_full, run.n_cached) == (1, 2)
+
+
+def test_hooks_removed_and_errors(unet, inputs):
+    xs, ts, y = inputs
+    with torch.no_grad():
+        ref = _plain(unet, xs[1], ts[1], y)
+        with pytest.raises(RuntimeError, match="schedule covers 1"):
+            with deep_cache(unet, CacheSchedule.uniform(1, 1)):
+                _plain(unet, xs[0], ts[0], y)
+                _plain(unet, xs[1], ts[1], y)
+        assert not any("forward" in m.__dict__ for m in unet.modules())
+        with encoder_propagation(unet, CacheSchedule.from_steps([0], 2)):
+            _plain(unet, xs[0], ts[0], y)
+            with pytest.raises(ValueError, match="batch of the last full call"):
+                _plain(unet, xs[1][:2], ts[1], y[:2])
+        assert not any("forward" in m.__dict__ for m in unet.modules())
+        assert torch.equal(_plain(unet, xs[1], ts[1], y), ref)
+    with pytest.raises(ValueError, match="branch"):
+        DeepCache(unet, CacheSchedule.uniform(2, 1), branch=3)
+    with pytest.raises(TypeError, match="no diffusers"):
+        find_unet(object())
+
+
+@pytest.mark.parametrize(
+    ("solver", "guidance"), [("dpmpp_2m", None), ("dpm_solver_2s", None), ("dpmpp_2m", 2.0)]
+)
+def test_inside_sample(solver, guidance):
+    model = diffusolve.load("digits", guidance=guidance)
+    unet = find_unet(model)
+    x = model.process.prior_sample((4, 1, 16, 16), noise=1)
+    cond = [0, 3, 5, 8]
+    stats: dict = {}
+    with torch.no_grad():
+        ref = diffusolve.sample(model, x, 8, solver, cond=cond, stats=stats)
+        nfe = stats["nfe"]
+        with deep_cache(unet, CacheSchedule.uniform(nfe, 1)) as run:
+            same = diffusolve.sample(model, x, 8, solver, cond=cond)
+        assert torch.equal(same, ref) and run.n_full == nfe
+        with deep_cache(unet, CacheSchedule.uniform(nfe, 2)) as dc:
+            a = diffusolve.sample(model, x, 8, solver, cond=cond)
+        with encoder_propagation(unet, nfe) as ep:
+            b = diffusolve.sample(model, x, 8, solver, cond=cond)
+        assert torch.equal(diffusolve.sample(model, x, 8, solver, cond=cond), ref)
+    assert (dc.n_full, dc.n_cached) == ((nfe + 1) // 2, nfe // 2)
+    assert ep.n_full == CacheSchedule.key_steps(nfe).n_full and ep.calls == nfe
+    for out in (a, b):
+        err = float((out - ref).norm() / ref.norm())
+        assert 0 < err < 0.5  # cached: close to, but not equal to, the plain solve
+
+
+def test_prior_noise_injection():
+    model = diffusolve.load("digits")
+    x = model.process.prior_sample((2, 1, 16, 16), noise=2)
+    seen = []
+    inject = prior_noise_injection(x, model.process.t_max)
+
+    def both(info):
+        before = info["x_next"].clone()
+        inject(info)
+        seen.append((float(info["t_next"]) / model.process.t_max, info["x_next"] - before))
+
+    with torch.no_grad():
+        diffusolve.sample(model, x, 6, "ddim", cond=1, callback=both)
+    for frac, delta in seen:
+        expect = 0.003 * x if frac < 0.5 else torch.zeros_like(x)
+        torch.testing.assert_close(delta, expect, rtol=0, atol=1e-6)
+    assert any(frac < 0.5 for frac, _ in seen) and any(frac >= 0.5 for frac, _ in seen)
+
+
+def test_condition_unet():
+    """A cross-attention UNet2DConditionModel: all-full is bitwise plain; DeepCache's cached
+    call equals the call on another input with the deep feature of the first (branch 0)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    net = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        cross_attention_dim=8,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    ).eval()
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(2, 1, 8, 8, generator=g) for _ in range(2)]
+    enc = torch.randn(2, 3, 8, generator=g)
+
+    def call(x, t):
+        return net(x, torch.tensor(t), encoder_hidden_states=enc, return_dict=False)[0]
+
+    with torch.no_grad():
+        ref = [call(xs[0], 800.0), call(xs[1], 600.0)]
+        for make in (lambda s: deep_cache(net, s), lambda s: encoder_propagation(net, s)):
+            with make(CacheSchedule.uniform(2, 1)):
+                assert all(
+                    torch.equal(call(x, t), r)
+                    for x, t, r in zip(xs, (800.0, 600.0), ref, strict=True)
+                )
+        with deep_cache(net, CacheSchedule.from_steps([0], 2)) as run:
+            call(xs[0], 800.0)
+            cached = call(xs[1], 600.0)
+        assert run.n_cached == 1 and not torch.allclose(cached, ref[1], atol=1e-4)
+        assert not any("forward" in m.__dict__ for m in net.modules())
+        assert torch.equal(call(xs[1], 600.0), ref[1])
