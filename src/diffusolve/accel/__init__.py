@@ -9,3 +9,16 @@ from .cache import (  # noqa: F401
     find_unet,
     prior_noise_injection,
 )
+from .quant import (  # noqa: F401
+    CalibrationSet,
+    QuantConfig,
+    Trajectories,
+    collect_trajectories,
+    int8_dynamic,
+    load_quantized,
+    ptq4dm_calibration,
+    quantize,
+    save_quantized,
+    tdac_calibration,
+    uniform_calibration,
+)
