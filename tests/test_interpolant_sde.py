@@ -15,6 +15,15 @@ from _exact import (
     sw_check,
     sw_noise_floor,
 )
+from _targets import (
+    COV,
+    GMM_COVS,
+    GMM_MEANS,
+    GMM_W,
+    MEAN,
+    gmm_marginal_moments,
+    gmm_marginal_sampler,
+)
 
 import diffusolve
 from diffusolve import get_solver, sample
@@ -25,14 +34,6 @@ from diffusolve.solvers import BoundModel
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 F64 = torch.float64
-MEAN = torch.tensor([0.3, -0.5, 1.0], dtype=F64)
-COV = torch.tensor([[1.0, 0.6, 0.0], [0.6, 0.5, 0.1], [0.0, 0.1, 0.2]], dtype=F64)
-GMM_W = torch.tensor([0.5, 0.3, 0.2], dtype=F64)
-GMM_MEANS = torch.tensor([[1.0, 0.0], [-1.0, 0.5], [0.0, -1.5]], dtype=F64)
-GMM_COVS = torch.tensor(
-    [[[0.10, 0.05], [0.05, 0.08]], [[0.20, -0.10], [-0.10, 0.15]], [[0.05, 0.0], [0.0, 0.30]]],
-    dtype=F64,
-)
 
 
 def _mixture(process):
@@ -151,24 +152,6 @@ def test_exact_law_on_a_gaussian_converges_at_weak_order_one(process_name, opts)
     assert errs[-1] < 0.04, (opts, errs)
 
 
-def _mixture_sampler(a, s):
-    chol = torch.linalg.cholesky(GMM_COVS)
-
-    def draw(n, g):
-        k = torch.multinomial(GMM_W, n, replacement=True, generator=g)
-        z = torch.randn(n, 2, generator=g, dtype=F64)
-        x0 = GMM_MEANS[k] + (chol[k] @ z[:, :, None])[:, :, 0]
-        return a * x0 + s * torch.randn(n, 2, generator=g, dtype=F64)
-
-    return draw
-
-
-def _mixture_moments(a, s):
-    m = GMM_W @ GMM_MEANS
-    c = (GMM_W[:, None, None] * (GMM_COVS + GMM_MEANS[:, :, None] * GMM_MEANS[:, None, :])).sum(0)
-    return a * m, a * a * (c - torch.outer(m, m)) + s * s * torch.eye(2, dtype=F64)
-
-
 N = 2000
 STEPS = 1024
 
@@ -182,10 +165,10 @@ def rf_mixture():
     grid = make_grid(p, STEPS, "logsnr")
     a0, s0 = float(p.alpha(grid[0])), float(p.sigma(grid[0]))
     a1, s1 = float(p.alpha(grid[-1])), float(p.sigma(grid[-1]))
-    x = _mixture_sampler(a0, s0)(N, torch.Generator().manual_seed(7))
-    exact = _mixture_sampler(a1, s1)
+    x = gmm_marginal_sampler(a0, s0)(N, torch.Generator().manual_seed(7))
+    exact = gmm_marginal_sampler(a1, s1)
     ref = exact(100_000, torch.Generator().manual_seed(9))
-    return gmm, grid, x, exact, _mixture_moments(a1, s1), ref, sw_noise_floor(exact, N)
+    return gmm, grid, x, exact, gmm_marginal_moments(a1, s1), ref, sw_noise_floor(exact, N)
 
 
 def _checks(rf_mixture, solver, noise):

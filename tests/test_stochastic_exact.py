@@ -53,6 +53,15 @@ from _stochastic import (
     stochastic_paths,
     weak_order,
 )
+from _targets import (
+    COV,
+    GMM_COVS,
+    GMM_MEANS,
+    GMM_W,
+    MEAN,
+    gmm_marginal_moments,
+    gmm_marginal_sampler,
+)
 
 import diffusolve
 from diffusolve.models import Gaussian, GaussianMixture
@@ -62,8 +71,6 @@ from diffusolve.solvers import get_solver
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 F64 = torch.float64
-MEAN = torch.tensor([0.3, -0.5, 1.0], dtype=F64)
-COV = torch.tensor([[1.0, 0.6, 0.0], [0.6, 0.5, 0.1], [0.0, 0.1, 0.2]], dtype=F64)
 PROCESSES = ["ddpm-linear", "vp-cosine", "rectified-flow", "edm"]
 
 PATHS = stochastic_paths()
@@ -256,31 +263,7 @@ def test_consistency_sampling_is_exact_with_a_consistency_function(name, options
 
 
 # ------------------------------------------------------------------ Gaussian mixture
-GMM_W = torch.tensor([0.5, 0.3, 0.2], dtype=F64)
-GMM_MEANS = torch.tensor([[1.0, 0.0], [-1.0, 0.5], [0.0, -1.5]], dtype=F64)
-GMM_COVS = torch.tensor(
-    [[[0.10, 0.05], [0.05, 0.08]], [[0.20, -0.10], [-0.10, 0.15]], [[0.05, 0.0], [0.0, 0.30]]],
-    dtype=F64,
-)
-
-
-def gmm_marginal_sampler(a, s):
-    """Exact samples of ``a x0 + s eps`` for the mixture (multinomial + Cholesky, by hand)."""
-    chol = torch.linalg.cholesky(GMM_COVS)
-
-    def draw(n, g):
-        k = torch.multinomial(GMM_W, n, replacement=True, generator=g)
-        z = torch.randn(n, 2, generator=g, dtype=F64)
-        x0 = GMM_MEANS[k] + (chol[k] @ z[:, :, None])[:, :, 0]
-        return a * x0 + s * torch.randn(n, 2, generator=g, dtype=F64)
-
-    return draw
-
-
-def gmm_marginal_moments(a, s):
-    m = GMM_W @ GMM_MEANS
-    c = (GMM_W[:, None, None] * (GMM_COVS + GMM_MEANS[:, :, None] * GMM_MEANS[:, None, :])).sum(0)
-    return a * m, a * a * (c - torch.outer(m, m)) + s * s * torch.eye(2, dtype=F64)
+# (GMM_W, GMM_MEANS, GMM_COVS and its exact marginals from _targets)
 
 
 @functools.cache
