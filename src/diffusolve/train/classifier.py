@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,49 @@ def classifier_accuracy(net: nn.Module, x: Tensor, y: Tensor, t: float = 0.0) ->
     return float((pred == y).float().mean())
 
 
+def fit(
+    net: nn.Module,
+    x_train: Tensor,
+    y_train: Tensor,
+    batch_loss: Callable[[Tensor, Tensor], Tensor],
+    cfg: Any,
+    gen: torch.Generator,
+    *,
+    desc: str,
+    progress: bool = True,
+) -> tuple[float | None, float]:
+    """The digits classifiers' training loop: ``cfg.steps`` AdamW steps (Loshchilov & Hutter
+    2019; ``cfg.lr``, ``cfg.weight_decay``) under a one-cycle schedule peaking at ``cfg.lr``
+    (Smith & Topin 2019), on minibatches of ``cfg.batch_size`` taken in order from a random
+    permutation of the training set (a new one, drawn from ``gen``, when the rest is shorter
+    than a batch). ``batch_loss(x, y)`` gives a minibatch's loss (it draws its own
+    augmentations from ``gen``). Returns the exponential running mean of the loss (weight
+    0.02) and the wall time in seconds.
+    """
+    from tqdm.auto import tqdm
+
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps)
+    n = x_train.shape[0]
+    perm, pos, run = torch.randperm(n, generator=gen), 0, None
+    start = time.perf_counter()
+    bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, mininterval=2.0)
+    for _ in bar:
+        if pos + cfg.batch_size > n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        idx = perm[pos : pos + cfg.batch_size]
+        pos += cfg.batch_size
+        loss = batch_loss(x_train[idx], y_train[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        li = float(loss.detach())
+        run = li if run is None else 0.98 * run + 0.02 * li
+        bar.set_postfix(loss=f"{run:.4f}", refresh=False)
+    return run, time.perf_counter() - start
+
+
 def train_classifier(
     cfg: ClassifierConfig | None = None, out: str | Path | None = None, *, progress: bool = True
 ) -> dict[str, Any]:
@@ -93,7 +137,6 @@ def train_classifier(
     (default: the packaged ``assets/digits``). Returns accuracies on the held-out split.
     """
     from safetensors.torch import save_file
-    from tqdm.auto import tqdm
 
     from .digits import ASSET_DIR
 
@@ -108,19 +151,9 @@ def train_classifier(
     x_train, y_train = load_digits("train")
     x_test, y_test = load_digits("heldout")
     net = NoiseAwareClassifier(tuple(cfg.widths), cfg.feature_dim)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps)
-    n = x_train.shape[0]
-    perm, pos, run = torch.randperm(n, generator=gen), 0, None
-    start = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc="train classifier", disable=not progress, mininterval=2.0)
-    for _ in bar:
-        if pos + cfg.batch_size > n:
-            perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[pos : pos + cfg.batch_size]
-        pos += cfg.batch_size
-        x0 = _shift(x_train[idx], cfg.max_shift, gen)
-        y = y_train[idx]
+
+    def batch_loss(x: Tensor, y: Tensor) -> Tensor:
+        x0 = _shift(x, cfg.max_shift, gen)
         b = len(y)
         t = torch.randint(0, n_t, (b,), generator=gen)
         n_low = int(round(cfg.low_noise_fraction * b))
@@ -128,15 +161,11 @@ def train_classifier(
         a = ac[t].sqrt().view(-1, 1, 1, 1)
         s = (1.0 - ac[t]).sqrt().view(-1, 1, 1, 1)
         xt = a * x0 + s * torch.randn(x0.shape, generator=gen)
-        loss = nn.functional.cross_entropy(net(xt, t.float()), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        li = float(loss.detach())
-        run = li if run is None else 0.98 * run + 0.02 * li
-        bar.set_postfix(loss=f"{run:.4f}", refresh=False)
-    wall = time.perf_counter() - start
+        return nn.functional.cross_entropy(net(xt, t.float()), y)
+
+    run, wall = fit(
+        net, x_train, y_train, batch_loss, cfg, gen, desc="train classifier", progress=progress
+    )
     net.eval()
 
     acc = {"t_min": classifier_accuracy(net, x_test, y_test, 0.0)}

@@ -16,17 +16,16 @@ The shipped pair (``diffusolve train digits-clean-classifier``):
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..models.clean_classifier import GUIDE_FILE, JUDGE_FILE, CleanClassifier
 from ..models.data import NUM_CLASSES, load_digits
-from .classifier import _shift
+from .classifier import _shift, fit
 
 __all__ = ["CleanClassifierConfig", "train_clean_classifier", "ROLES"]
 
@@ -66,7 +65,6 @@ def train_clean_classifier(
     in ``out`` (default: the packaged ``assets/digits``), ``stem`` from ``cfg.role``. Returns
     the config written, with the held-out accuracy and the wall time."""
     from safetensors.torch import save_file
-    from tqdm.auto import tqdm
 
     from .digits import ASSET_DIR
 
@@ -81,29 +79,16 @@ def train_clean_classifier(
     x_train, y_train = load_digits("train")
     x_test, y_test = load_digits("heldout")
     net = CleanClassifier(cfg.width)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps)
-    n = x_train.shape[0]
-    perm, pos, run = torch.randperm(n, generator=gen), 0, None
-    start = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc=f"train {cfg.role}", disable=not progress, mininterval=2.0)
-    for _ in bar:
-        if pos + cfg.batch_size > n:
-            perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[pos : pos + cfg.batch_size]
-        pos += cfg.batch_size
-        x = _shift(x_train[idx], cfg.max_shift, gen)
-        c = 1.0 - cfg.contrast * torch.rand((len(idx), 1, 1, 1), generator=gen)
+
+    def batch_loss(x: Tensor, y: Tensor) -> Tensor:
+        x = _shift(x, cfg.max_shift, gen)
+        c = 1.0 - cfg.contrast * torch.rand((len(y), 1, 1, 1), generator=gen)
         x = (x + 1.0) * c - 1.0 + cfg.pixel_noise * torch.randn(x.shape, generator=gen)
-        loss = nn.functional.cross_entropy(net(x), y_train[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        li = float(loss.detach())
-        run = li if run is None else 0.98 * run + 0.02 * li
-        bar.set_postfix(loss=f"{run:.4f}", refresh=False)
-    wall = time.perf_counter() - start
+        return nn.functional.cross_entropy(net(x), y)
+
+    run, wall = fit(
+        net, x_train, y_train, batch_loss, cfg, gen, desc=f"train {cfg.role}", progress=progress
+    )
     net.eval()
     with torch.no_grad():
         acc = float((net(x_test).argmax(1) == y_test).float().mean())
