@@ -3,13 +3,15 @@
 ``MEAN`` / ``COV``: a correlated 3-d Gaussian data law (covariance eigenvalues 0.052, 0.245
 and 1.403). ``GMM_W`` /
 ``GMM_MEANS`` / ``GMM_COVS``: a 2-d three-component Gaussian mixture of unequal weights and
-anisotropic, differently oriented components; :func:`gmm_marginal_sampler` and
+anisotropic, differently oriented components (:func:`mixture` on a process); :func:`gmm_marginal_sampler` and
 :func:`gmm_marginal_moments` give the exact law of ``a x0 + s eps`` for it, by hand.
 """
 
 from __future__ import annotations
 
 import torch
+
+from diffusolve.models import GaussianMixture
 
 F64 = torch.float64
 MEAN = torch.tensor([0.3, -0.5, 1.0], dtype=F64)
@@ -20,6 +22,11 @@ GMM_COVS = torch.tensor(
     [[[0.10, 0.05], [0.05, 0.08]], [[0.20, -0.10], [-0.10, 0.15]], [[0.05, 0.0], [0.0, 0.30]]],
     dtype=F64,
 )
+
+
+def mixture(process) -> GaussianMixture:
+    """The mixture ``GMM_W``, ``GMM_MEANS``, ``GMM_COVS`` as a model on ``process``."""
+    return GaussianMixture(GMM_W, GMM_MEANS, GMM_COVS, process=process)
 
 
 def gmm_marginal_sampler(a, s):

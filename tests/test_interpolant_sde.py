@@ -15,19 +15,11 @@ from _exact import (
     sw_check,
     sw_noise_floor,
 )
-from _targets import (
-    COV,
-    GMM_COVS,
-    GMM_MEANS,
-    GMM_W,
-    MEAN,
-    gmm_marginal_moments,
-    gmm_marginal_sampler,
-)
+from _targets import COV, MEAN, gmm_marginal_moments, gmm_marginal_sampler, mixture
 
 import diffusolve
 from diffusolve import get_solver, sample
-from diffusolve.models import Gaussian, GaussianMixture
+from diffusolve.models import Gaussian
 from diffusolve.process import PROCESSES, get_process, make_grid
 from diffusolve.solvers import BoundModel
 
@@ -36,15 +28,11 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 F64 = torch.float64
 
 
-def _mixture(process):
-    return GaussianMixture(GMM_W, GMM_MEANS, GMM_COVS, process=process)
-
-
 @pytest.mark.parametrize("process_name", sorted(PROCESSES))
 def test_eps_zero_is_the_probability_flow_ode(process_name):
     """eps = 0: the Euler / Heun ODE steps of ``euler`` / ``heun``, bit for bit."""
     p = get_process(process_name)
-    gmm = _mixture(p)
+    gmm = mixture(p)
     x = p.prior_sample((8, 2), torch.Generator().manual_seed(0), dtype=F64)
     for kind in ("logsnr", "karras"):
         grid = make_grid(p, 10, kind)
@@ -61,7 +49,7 @@ def test_sbdm_at_one_is_the_reverse_diffusion_sde(process_name):
     """eps(t) = sigma sigma' - (alpha'/alpha) sigma^2 is the process's reverse-time SDE; its
     Euler step with the score term integrated exactly is DDPM's ancestral step."""
     p = get_process(process_name)
-    gmm = _mixture(p)
+    gmm = mixture(p)
     x = p.prior_sample((8, 2), torch.Generator().manual_seed(1), dtype=F64)
     grid = make_grid(p, 12, "logsnr")
     a = sample(gmm, x, grid, "si_sde", noise=11)
@@ -89,7 +77,7 @@ def test_rate_is_the_integral_of_eps_over_sigma_squared(process_name, schedule):
     p = get_process(process_name)
     solver = get_solver("si_sde", eps=0.7, schedule=schedule)
     grid = make_grid(p, 40, "logsnr")
-    bound = BoundModel(_mixture(p), None, grid)
+    bound = BoundModel(mixture(p), None, grid)
     for i in (0, 20, 38):
         t, t1 = grid[i], grid[i + 1]
         u = torch.linspace(float(t1), float(t), 4001, dtype=F64)
@@ -161,7 +149,7 @@ def rf_mixture():
     """Rectified flow (the paper's linear interpolant): the mixture, exact starts at
     grid[0], the exact law at grid[-1], a large exact reference set and the SW floor."""
     p = get_process("rectified-flow")
-    gmm = _mixture(p)
+    gmm = mixture(p)
     grid = make_grid(p, STEPS, "logsnr")
     a0, s0 = float(p.alpha(grid[0])), float(p.sigma(grid[0]))
     a1, s1 = float(p.alpha(grid[-1])), float(p.sigma(grid[-1]))
@@ -202,7 +190,7 @@ def test_mixture_checks_reject_a_wrong_noise_scale(rf_mixture):
 
 def test_per_sample_seeds_make_a_sample_independent_of_its_batch():
     p = get_process("vp-linear")
-    gmm = _mixture(p)
+    gmm = mixture(p)
     x = p.prior_sample((5, 2), torch.Generator().manual_seed(2), dtype=F64)
     for opts in ({}, {"schedule": "constant", "method": "heun"}, {"schedule": "sigma2"}):
         full = sample(gmm, x, 8, "si_sde", noise=100, **opts)
@@ -221,7 +209,7 @@ def test_options_and_reversed_grid():
     with pytest.raises(ValueError, match="method"):
         get_solver("si_sde", method="rk4")
     p = get_process("vp-linear")
-    gmm = _mixture(p)
+    gmm = mixture(p)
     x = torch.zeros(2, 2, dtype=F64)
     up = make_grid(p, 4, "logsnr").flip(0)
     bound = BoundModel(gmm, None, up)

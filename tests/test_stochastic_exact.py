@@ -53,18 +53,10 @@ from _stochastic import (
     stochastic_paths,
     weak_order,
 )
-from _targets import (
-    COV,
-    GMM_COVS,
-    GMM_MEANS,
-    GMM_W,
-    MEAN,
-    gmm_marginal_moments,
-    gmm_marginal_sampler,
-)
+from _targets import COV, MEAN, gmm_marginal_moments, gmm_marginal_sampler, mixture
 
 import diffusolve
-from diffusolve.models import Gaussian, GaussianMixture
+from diffusolve.models import Gaussian
 from diffusolve.process import get_process, make_grid
 from diffusolve.solvers import get_solver
 
@@ -263,7 +255,7 @@ def test_consistency_sampling_is_exact_with_a_consistency_function(name, options
 
 
 # ------------------------------------------------------------------ Gaussian mixture
-# (GMM_W, GMM_MEANS, GMM_COVS and its exact marginals from _targets)
+# (the mixture and its exact marginals from _targets)
 
 
 @functools.cache
@@ -280,7 +272,7 @@ def test_gaussian_mixture_within_noise_floor(name, options, process_name):
     """Sliced Wasserstein to exact mixture samples within the noise floor's prediction
     bound, and mean and covariance within tolerances from n (kurtosis from exact draws)."""
     p = get_process(process_name)
-    gmm = GaussianMixture(GMM_W, GMM_MEANS, GMM_COVS, process=p)
+    gmm = mixture(p)
     solver = get_solver(name, **options)
     grid = make_grid(p, SAMPLE_STEPS[weak_order(name, options)], solver.natural_grid)
     (a0, s0), (a1, s1) = _ends(p, grid)
