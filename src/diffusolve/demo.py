@@ -369,8 +369,8 @@ DEMO_GUIDANCE = (
     ("conditional", "cfg", 1.0),
     ("CFG 3", "cfg", 3.0),
     ("CFG++ 0.6", "cfg++", 0.6),
-    ("interval CFG 3", "interval", 3.0),
-    ("rescaled CFG 3", "rescaled", 3.0),
+    ("interval CFG 3", "interval-cfg", 3.0),
+    ("rescaled CFG 3", "rescaled-cfg", 3.0),
     ("classifier 1", "classifier", 1.0),
     ("EluCD 0.3", "elucd", 0.3),
     ("loss 4", "loss", 4.0),
@@ -380,43 +380,10 @@ DEMO_GUIDANCE_STEPS = 10
 DEMO_COMPOSE_STEPS = 100
 
 
-def _guided_model(model, method: str, scale: float, grid):
-    """The demo's guided wrapper of ``model`` for one panel column."""
-    from .guidance import (
-        CFGPlusPlus,
-        ClassifierGuidance,
-        EluCD,
-        Guided,
-        IntervalGuidance,
-        LossGuidance,
-        RescaledCFG,
-    )
-    from .models import load_classifier
-    from .models.clean_classifier import load_clean_classifier
-
-    if method == "cfg":
-        return Guided(model, scale)
-    if method == "cfg++":
-        return CFGPlusPlus(model, scale, grid=grid)
-    if method == "interval":
-        return IntervalGuidance(model, scale)
-    if method == "rescaled":
-        return RescaledCFG(model, scale)
-    if method == "classifier":
-        return ClassifierGuidance(model, load_classifier(), scale)
-    guide = load_clean_classifier()
-    if method == "elucd":
-        return EluCD(model, guide, scale, grid=grid)
-
-    def cross_entropy(x0, y):
-        return torch.nn.functional.cross_entropy(guide(x0.float()), y, reduction="none")
-
-    return LossGuidance(model, cross_entropy, scale, through_denoiser=True)
-
-
 def _guidance_section(out: Path, quick: bool, progress: bool, t0: float) -> tuple[str, list[str]]:
     """Every guidance method on the same starts (one digit per class), judged by the
     independent classifier; SuperDiff OR / AND of labels 3 and 8."""
+    from .bench.guidance_digits import guided as guided_model
     from .compose import superdiff_sample
     from .images import save_grid
     from .models import load, load_classifier
@@ -435,7 +402,7 @@ def _guidance_section(out: Path, quick: bool, progress: bool, t0: float) -> tupl
     for title, method, scale in DEMO_GUIDANCE:
         _stage(f"guidance: {title}", t0)
         t1 = time.time()
-        guided = _guided_model(model, method, scale, grid)
+        guided = guided_model(model, method, scale, grid)
         stats: dict = {}
         with torch.no_grad():
             x = sample(guided, xT, grid, "ddim", cond=labels, stats=stats, progress=False)

@@ -66,23 +66,35 @@ def _n(quick: bool) -> int:
 
 
 @lru_cache(maxsize=1)
-def _assets() -> dict[str, Any]:
-    from ..models import load, load_classifier
+def _classifiers() -> dict[str, Any]:
+    from ..models import load_classifier
     from ..models.clean_classifier import load_clean_classifier, load_judge_classifier
+
+    return {
+        "noise_aware": load_classifier(),
+        "guide": load_clean_classifier(),
+        "judge": load_judge_classifier(),
+    }
+
+
+@lru_cache(maxsize=1)
+def _assets() -> dict[str, Any]:
+    from ..models import load
     from ..process import make_grid
 
     model = load("digits")
     return {
         "model": model,
-        "noise_aware": load_classifier(),
-        "guide": load_clean_classifier(),
-        "judge": load_judge_classifier(),
+        **_classifiers(),
         "grid": make_grid(model.process, STEPS, "time_uniform"),
     }
 
 
-def _guided(method: str, scale: float) -> Any:
-    """The guided model of ``method`` at ``scale`` (a fresh wrapper over the shared net)."""
+def guided(model: Any, method: str, scale: float, grid: Any) -> Any:
+    """``model`` guided by ``method`` (a key of :data:`SCALES`) at ``scale`` on the sampling
+    ``grid``: a fresh wrapper over the same network; the classifiers are the bundled ones
+    (noise-aware for ``classifier``, the clean guide for ``elucd`` and ``loss``). The demo's
+    guidance panel uses it too."""
     from ..guidance import (
         CFGPlusPlus,
         ClassifierGuidance,
@@ -93,8 +105,6 @@ def _guided(method: str, scale: float) -> Any:
         RescaledCFG,
     )
 
-    a = _assets()
-    model, grid = a["model"], a["grid"]
     if method == "cfg":
         return Guided(model, scale)
     if method == "cfg++":
@@ -104,17 +114,23 @@ def _guided(method: str, scale: float) -> Any:
     if method == "rescaled-cfg":
         return RescaledCFG(model, scale, phi=0.7, space="v")
     if method == "classifier":
-        return ClassifierGuidance(model, a["noise_aware"], scale)
+        return ClassifierGuidance(model, _classifiers()["noise_aware"], scale)
     if method == "elucd":
-        return EluCD(model, a["guide"], scale, grid=grid)
+        return EluCD(model, _classifiers()["guide"], scale, grid=grid)
     if method == "loss":
-        guide = a["guide"]
+        guide = _classifiers()["guide"]
 
         def cross_entropy(x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return torch.nn.functional.cross_entropy(guide(x0.float()), y, reduction="none")
 
         return LossGuidance(model, cross_entropy, scale, through_denoiser=True)
-    raise ValueError(f"unknown method {method!r}")
+    raise ValueError(f"unknown guidance method {method!r}; choose from {', '.join(SCALES)}")
+
+
+def _guided(method: str, scale: float) -> Any:
+    """The bench's guided model of ``method`` at ``scale``."""
+    a = _assets()
+    return guided(a["model"], method, scale, a["grid"])
 
 
 def _sample(method: str, scale: float, n: int, seed: int) -> tuple[torch.Tensor, int]:
