@@ -11,6 +11,11 @@ from a learned embedding table (:class:`~diffusolve.models.tokens.TokenEmbedding
 text encoder), trained on captions measured from each image, e.g.
 ``"thick slanted-left small three"`` (:mod:`diffusolve.models.attributes`). Wrapped in
 :class:`TokenConditioned`. See ``assets/digits-tokens/MODEL_CARD.md``.
+
+``digits-lcm``, ``digits-lcm-lora``, ``digits-mmd``: few-step models trained from ``digits``
+(consistency distillation, full and as a LoRA merged into ``digits`` on loading; MMD
+fine-tuning), each with a ``fewstep.json`` sampling recipe; see
+:mod:`diffusolve.models.fewstep`.
 """
 
 from __future__ import annotations
@@ -33,11 +38,13 @@ __all__ = [
     "TokenConditioned",
 ]
 
-BUNDLED = ("digits", "digits-tokens")
+BUNDLED = ("digits", "digits-tokens", "digits-lcm", "digits-lcm-lora", "digits-mmd")
 #: bundled models that ship a noise-aware classifier
 _CLASSIFIERS = ("digits",)
 NULL_CLASS = 10
 _NUM_LABELS = 11
+#: a LoRA folder: the adapter (peft format) over the base model named in its config
+_LORA_CONFIG = "lora/adapter_config.json"
 
 
 def asset_dir(name: str = "digits") -> Path:
@@ -45,9 +52,10 @@ def asset_dir(name: str = "digits") -> Path:
     if name not in BUNDLED:
         raise ValueError(f"unknown bundled model {name!r}; available: {BUNDLED}")
     path = Path(__file__).resolve().parent.parent / "assets" / name
-    if not (path / "unet" / "config.json").is_file():
+    if not (path / "unet" / "config.json").is_file() and not (path / _LORA_CONFIG).is_file():
+        train = "digits-lcm --lora" if name == "digits-lcm-lora" else name
         raise FileNotFoundError(
-            f"{path} has no weights; retrain them with `diffusolve train {name}`."
+            f"{path} has no weights; retrain them with `diffusolve train {train}`."
         )
     return path
 
@@ -274,17 +282,45 @@ def load(
             "below guidance); use diffusolve.load(name, guidance=w), or "
             "diffusolve.guidance.classifier_free(diffusolve.models.load(name), w)."
         )
+    from .consistency import BoundaryScalings, ConsistencyBoundary
+    from .fewstep import RECIPE_NAME, fewstep_recipe
+
     folder = _resolve(name)
-    base = load_diffusers(folder, dtype=dtype)
+    if (folder / _LORA_CONFIG).is_file():
+        from .lora import load_lora_unet
+
+        base = load_diffusers(_resolve(_lora_base(folder)), dtype=dtype)
+        base.unet = load_lora_unet(base.unet, folder / "lora")
+    else:
+        base = load_diffusers(folder, dtype=dtype)
     base.unet.eval().requires_grad_(False)
     if (folder / "tokenizer.json").is_file():
         return _token_model(folder, base)
+    scalings = BoundaryScalings.read(folder)
+    if scalings is not None:
+        base = ConsistencyBoundary(base, scalings)
     k = getattr(getattr(base.unet, "config", None), "num_class_embeds", None)
+    model = base
     if k:
         if int(k) < 2:
             raise ValueError(f"{folder}: num_class_embeds={k}; a label model needs at least 2")
-        return LabelConditioned(base, num_labels=int(k), null=int(k) - 1)
-    return base
+        model = LabelConditioned(base, num_labels=int(k), null=int(k) - 1)
+    if (folder / RECIPE_NAME).is_file():
+        model.fewstep = fewstep_recipe(
+            name if isinstance(name, str) and name in BUNDLED else folder
+        )
+    return model
+
+
+def _lora_base(folder: Path) -> str | Path:
+    """The base model named in a LoRA folder's adapter config (a bundled name or a folder)."""
+    import json
+
+    cfg = json.loads((folder / _LORA_CONFIG).read_text())
+    base = cfg.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{folder / _LORA_CONFIG} names no base_model_name_or_path")
+    return base if base in BUNDLED else (folder / base).resolve()
 
 
 def _token_model(folder: Path, base: Any) -> TokenConditioned:
