@@ -76,6 +76,7 @@ def test_demo_quick(tmp_path, capsys):
     assert "FD-digits" in report and "Exact reference" in report
     assert "Guidance and composition" in report and "3 AND 8" in report
     assert (out / "guidance.png").is_file() and (out / "compose.png").is_file()
+    assert "Few-step models" in report and (out / "fewstep.png").is_file()
     assert len(list(out.glob("*.png"))) >= 12
     captured = capsys.readouterr()
     assert "report.md" in captured.out

@@ -11,7 +11,10 @@
 5. Guidance and composition on the bundled model: one digit per class under every
    guidance method (classifier-free and its variants, classifier, EluCD, loss guidance),
    judged by an independent classifier; "3 OR 8" and "3 AND 8" by SuperDiff.
-6. On an exact reference (a Gaussian mixture whose probability-flow ODE is solved to
+6. Few-step models distilled or fine-tuned from the bundled model (LCM, LCM-LoRA, MMD):
+   one digit per class at 1, 2 and 4 network evaluations next to the teacher at 3 and 10,
+   with FD-digits per model at NFE 2.
+7. On an exact reference (a Gaussian mixture whose probability-flow ODE is solved to
    1e-10): the error of each solver against the exact endpoint as NFE grows, and a plot.
 
 Everything lands in one folder with a ``report.md`` that embeds the panels and tables. An
@@ -38,6 +41,7 @@ OUTPUTS = (
     "edit.png",
     "guidance.png",
     "compose.png",
+    "fewstep.png",
     "exact_reference.png",
 )
 
@@ -473,6 +477,92 @@ def _guidance_section(out: Path, quick: bool, progress: bool, t0: float) -> tupl
     return "\n".join(md), [table, comp]
 
 
+#: few-step panel: the teacher's solver and NFEs shown next to the few-step models
+DEMO_TEACHER = ("dpmpp_2m", (3, 10))  # 3: its smallest NFE with the final denoise
+
+
+def _teacher_samples(model, labels: torch.Tensor, nfe: int, seed: int, progress: bool):
+    """The teacher (``DEMO_TEACHER`` solver) at ``nfe`` evaluations, the final denoise
+    included, per-sample seeds ``seed + i``."""
+    from .process import make_grid
+    from .solvers import get_solver, sample, steps_for_nfe
+
+    solver = get_solver(DEMO_TEACHER[0])
+    proc = model.process
+    grid = make_grid(proc, steps_for_nfe(solver, nfe), solver.natural_grid)
+    xs = []
+    for chunk in torch.split(torch.arange(labels.numel()), 500):
+        xT = proc.prior_sample(
+            (chunk.numel(), 1, 16, 16), noise=_seeded(chunk.numel(), seed + int(chunk[0]))
+        )
+        with torch.no_grad():
+            xs.append(sample(model, xT, grid, solver, cond=labels[chunk], progress=progress))
+    return torch.cat(xs)
+
+
+def _fewstep_section(out: Path, quick: bool, progress: bool, t0: float) -> tuple[str, list[str]]:
+    """Few-step models at 1, 2 and 4 evaluations against the teacher at 3 and 10: a panel
+    (one digit per class) and FD-digits at NFE 2 (conditional, no guidance)."""
+    from .images import save_grid
+    from .models import fd_digits, fd_digits_noise_floor, load
+    from .models.fewstep import FEWSTEP_MODELS, fewstep_recipe, sample_fewstep
+
+    teacher = load("digits")
+    labels = torch.arange(10)
+    n_fd = 200 if quick else 1000
+    fd_labels = torch.arange(n_fd) % 10
+    columns, titles, rows, missing = [], [], [], []
+    solver, nfes = DEMO_TEACHER
+    for nfe in nfes:
+        _stage(f"few-step panel: teacher {solver} at NFE {nfe}", t0)
+        columns.append(_teacher_samples(teacher, labels, nfe, 40_000, False))
+        titles.append(f"teacher {solver} NFE {nfe}")
+        t1 = time.time()
+        fd = fd_digits(_teacher_samples(teacher, fd_labels, nfe, 50_000, progress))
+        rows.append(
+            [f"digits (teacher, {solver})", nfe, n_fd, float(fd), round(time.time() - t1, 1)]
+        )
+    for name in FEWSTEP_MODELS:
+        try:
+            recipe = fewstep_recipe(name)
+            model = load(name)
+        except (FileNotFoundError, ImportError) as err:  # not trained here, or no peft
+            missing.append(f"- `{name}`: not shown ({err})")
+            continue
+        _stage(f"few-step panel: {name} ({recipe.solver}) at 1, 2 and 4 evaluations", t0)
+        for steps in (1, 2, 4):
+            columns.append(sample_fewstep(model, 10, steps, labels, seed=40_000, recipe=recipe))
+            titles.append(f"{name} NFE {recipe.nfe(steps)}")
+        t1 = time.time()
+        x = sample_fewstep(model, n_fd, 2, fd_labels, seed=50_000, recipe=recipe)
+        rows.append([name, recipe.nfe(2), n_fd, float(fd_digits(x)), round(time.time() - t1, 1)])
+    panel = torch.stack([c.float() for c in columns], 1).flatten(0, 1)  # a row per class
+    save_grid(panel, out / "fewstep.png", nrow=len(columns), scale=3)
+    _stage(f"FD-digits noise floor ({n_fd} real digits)", t0)
+    floor = fd_digits_noise_floor(n_fd)
+    table = markdown_table(["model", "NFE", "samples", "FD-digits", "seconds"], rows)
+    md = [
+        "## Few-step models",
+        "",
+        "One digit per class (rows 0-9) from each model, columns: "
+        + ", ".join(titles)
+        + ". The few-step models are trained from the bundled model by `diffusolve train "
+        "digits-lcm` (consistency distillation, full and as a LoRA) and `diffusolve train "
+        "digits-mmd` (MMD fine-tuning for two evaluations); their model cards give the "
+        "recipes and `diffusolve bench accel` the full comparison.",
+        "",
+        "![few-step panel](fewstep.png)",
+        "",
+        table,
+        "",
+        f"Noise floor: FD-digits between two real digit sets of {n_fd} images is {floor:.3g}.",
+        "",
+        *missing,
+        "",
+    ]
+    return "\n".join(md), [table + f"\n\nFD-digits noise floor at {n_fd} samples: {floor:.3g}"]
+
+
 def _exact_section(out: Path, quick: bool, progress: bool, t0: float) -> tuple[str, list[str]]:
     """Error against the exact probability-flow endpoint of a Gaussian mixture."""
     import matplotlib
@@ -571,6 +661,7 @@ def run_demo(
         _inversion_section,
         _edit_section,
         _guidance_section,
+        _fewstep_section,
         _exact_section,
     )
     for section in sections:
