@@ -132,6 +132,7 @@ def register(subparsers: Any) -> None:
     _register_inverse(subparsers)
     _register_inversion(subparsers)
     _register_guidance(subparsers)
+    _register_accel(subparsers)
     _register_devices(subparsers)
 
 
@@ -346,6 +347,59 @@ def guidance_main(args: argparse.Namespace) -> int:
 
     return _run_report_bench(
         args, "guidance", _guidance_options, run_guidance, markdown_report, plot_results
+    )
+
+
+def _register_accel(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "accel",
+        help="quantization, feature caching and few-step models against the float model",
+        description=(
+            "On the bundled digits model: the float baseline (dpmpp_2m, 20 steps), the "
+            "teacher's best solver at NFE 5, 10, 50, post-training quantization (W8A8 "
+            "uniform / PTQ4DM / TDAC calibration, W4A8, EDA-DM block reconstruction when "
+            "present, the CPU int8 dynamic path), feature caching (DeepCache, encoder "
+            "propagation) and the few-step models at NFE 1, 2, 4: FD-digits with its noise "
+            "floor, class agreement at CFG 2, CPU time per sample as a speed-up over the "
+            "baseline measured in the same run, size on disk and peak memory. Every finished "
+            "job is appended to a JSONL records file (--records); --resume continues. Writes "
+            "DIR/accel.md, DIR/accel.json and DIR/accel_quality_speed.png."
+        ),
+    )
+    p.add_argument("--quick", action="store_true", help="small run, about 2 minutes")
+    p.add_argument("--out", metavar="DIR", default="bench-out", help="report and plots")
+    p.add_argument("--records", metavar="PATH.jsonl", help="default DIR/accel.jsonl")
+    p.add_argument("--resume", action="store_true", help="continue the run in --records")
+    p.add_argument("--force", action="store_true", help="start over: overwrite outputs")
+    p.add_argument("--json", metavar="PATH", help="the JSON summary (default DIR/accel.json)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no per-job progress lines")
+    p.set_defaults(func=accel_main, handler=accel_main)
+
+
+def _accel_options(args: argparse.Namespace) -> dict[str, Any]:
+    out = Path(args.out)
+    _check_dir(out, "--out")
+    rec = Path(args.records) if args.records else out / "accel.jsonl"
+    args.json = args.json or str(out / "accel.json")
+    _check_file(rec, "--records", force=args.force, may_exist=args.resume)
+    _check_file(Path(args.json), "--json", force=args.force, may_exist=args.resume)
+    if rec.resolve() == Path(args.json).resolve():
+        raise UsageError(f"--records and --json are the same file {rec}")
+    return {
+        "quick": bool(args.quick),
+        "seed": int(args.seed),
+        "records": rec,
+        "resume": bool(args.resume),
+        "overwrite": bool(args.force),
+    }
+
+
+def accel_main(args: argparse.Namespace) -> int:
+    from .accel import markdown_report, plot_results, run_accel
+
+    return _run_report_bench(
+        args, "accel", _accel_options, run_accel, markdown_report, plot_results
     )
 
 
