@@ -19,17 +19,22 @@ Pipeline (shared by the three papers below):
      et al., 2024, arXiv:2401.04585): per-step density ``d_t = #{t' != t : mean((F_t -
      F_t')^2) <= r}`` and diversity ``v_t = sum_t' sum_i (1 - cos(F_t^i, F_t'^i))`` of the
      mid-block attention output, ``w_t = minmax(d) + lambda * minmax(v)`` (``lambda = 1.2``),
-     ``n_t = round(N w_t / sum w)`` samples at step ``t``. EDA-DM's fine-grained block
-     reconstruction (FBR, AdaRound-style) is not implemented: every strategy here ends at
-     the calibrated scales, which is also what PTQ4DM's released NDTC script does (it does
-     not pass ``--use_adaround``).
+     ``n_t = round(N w_t / sum w)`` samples at step ``t``.
 
 3. :func:`quantize` returns a quantized *copy* (the given model is never modified): every
    ``Conv2d`` / ``Linear`` not kept in float (:class:`QuantConfig`) is replaced by a
    :class:`QuantConv2d` / :class:`QuantLinear` with per-output-channel symmetric weights
    (``scale_c = max|w_c| / (2^(b-1) - 1)``) and a per-tensor asymmetric activation
    quantizer whose range is calibrated by min/max or by MSE-optimal percentile clipping
-   (default ``"mse"``, as PTQ4DM's scale initialisation).
+   (default ``"mse"``, as PTQ4DM's scale initialisation). Without reconstruction the model
+   ends at these calibrated scales with nearest rounding (what PTQ4DM's released NDTC
+   script does: it does not pass ``--use_adaround``).
+4. ``quantize(..., reconstruct=BlockReconstruction())`` then runs EDA-DM's fine-grained
+   block reconstruction (FBR; :mod:`diffusolve.accel.recon`): per ResNet / attention /
+   up-down-sampling block, AdaRound soft rounding of the weights and learned activation
+   steps against the float block's and layers' outputs, ending hard-rounded on the same
+   int8 grid (300 iterations per block by default, sized for a CPU; the paper runs
+   thousands).
 
 Fake quantization is simulated in float32 and is slower than the float model, not faster;
 :func:`save_quantized` stores int8 weights (int4 packed two per byte) with their scales,
@@ -213,7 +218,13 @@ class _QuantLayer(nn.Module):
         self.register_buffer("act_range", torch.full((2,), float("nan")))
         self.observer: _Observer | None = None
 
+    # set (not registered) by accel.recon while a block is reconstructed: soft-rounded
+    # weights and learned activation steps replace the stored ones until it is committed
+    _recon: Any = None
+
     def weight_fq(self) -> Tensor:
+        if self._recon is not None:
+            return self._recon.weight()
         return _dequantize(self.qweight, self.scale)
 
     def _input(self, x: Tensor) -> Tensor:
@@ -222,6 +233,8 @@ class _QuantLayer(nn.Module):
             return x
         if self.act_bits is None:
             return x
+        if self._recon is not None and self._recon.learns_act:
+            return self._recon.act(x)
         lo, hi = self.act_range.tolist()
         if math.isnan(lo):
             raise RuntimeError(
@@ -565,13 +578,16 @@ def quantize(
     *,
     batch_size: int = 256,
     seed: int = 0,
+    reconstruct: Any = None,
 ) -> Any:
     """A fake-quantized copy of ``model`` (a denoiser such as ``load("digits")`` or a bare
     ``nn.Module``); ``model`` itself is not modified.
 
     With activations quantized (``config.act_bits`` set) the ranges are calibrated on
     ``calibration`` by running the copy as a denoiser, ``model(x, t, cond)``, in batches,
-    with weights quantized and activations observed in float.
+    with weights quantized and activations observed in float. ``reconstruct`` (a
+    :class:`~diffusolve.accel.recon.BlockReconstruction`) then fits every block on the
+    same calibration set (EDA-DM's FBR; :func:`~diffusolve.accel.recon.reconstruct_blocks`).
 
     Example:
         >>> from diffusolve.models import load
@@ -611,6 +627,12 @@ def quantize(
             for layer in layers.values():
                 layer.observer = None
     qmodel._quant_config = cfg  # type: ignore[union-attr]
+    if reconstruct is not None:
+        from .recon import reconstruct_blocks
+
+        if isinstance(qmodel, nn.Module) or calibration is None:
+            raise ValueError("block reconstruction needs a denoiser and a calibration set")
+        qmodel = reconstruct_blocks(qmodel, model, calibration, reconstruct)
     return qmodel
 
 
@@ -633,7 +655,9 @@ def save_quantized(qmodel: Any, path: str | Path) -> Path:
     """Write a :func:`quantize` result as safetensors: per quantized layer its int8 weights
     (``.qweight``; packed two per byte when ``weight_bits <= 4``, ``.qweight4``), float32
     per-channel ``.scale``, ``.bias`` and ``.act_range``; the float layers' parameters and
-    buffers as they are; the :class:`QuantConfig` in the metadata."""
+    buffers as they are; the :class:`QuantConfig` (and the block reconstruction's options,
+    when one was run) in the metadata. A reconstructed model needs nothing more: its
+    rounding is in the int8 weights and its learned steps in ``.act_range``."""
     from safetensors.torch import save_file
 
     cfg: QuantConfig = getattr(qmodel, "_quant_config", None) or QuantConfig()
@@ -651,6 +675,9 @@ def save_quantized(qmodel: Any, path: str | Path) -> Path:
         "quant_config": json.dumps(asdict(cfg)),
         "layers": json.dumps({n: list(m.qweight.shape) for n, m in layers.items()}),
     }
+    recon = getattr(qmodel, "_reconstruction", None)
+    if recon is not None:  # provenance only: the result is in the weights and ranges
+        meta["reconstruction"] = json.dumps(asdict(recon))
     path = Path(path)
     save_file(tensors, str(path), metadata=meta)
     return path
@@ -678,6 +705,13 @@ def load_quantized(model: Any, path: str | Path) -> Any:
             tensors[f"{name}.qweight"] = _unpack4(tensors.pop(key), tuple(shape))
     unet.load_state_dict(tensors, strict=True)
     qmodel._quant_config = cfg  # type: ignore[union-attr]
+    if "reconstruction" in meta:
+        from .recon import BlockReconstruction
+
+        raw = json.loads(meta["reconstruction"])
+        qmodel._reconstruction = BlockReconstruction(  # type: ignore[union-attr]
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+        )
     return qmodel
 
 
