@@ -1,5 +1,6 @@
-"""``diffusolve train digits``, ``digits-tokens``, ``digits-classifier`` and
-``digits-clean-classifier`` (thin argparse layer)."""
+"""``diffusolve train digits``, ``digits-tokens``, ``digits-classifier``,
+``digits-clean-classifier``, ``digits-lcm [--lora]`` and ``digits-mmd`` (thin argparse
+layer)."""
 
 from __future__ import annotations
 
@@ -68,6 +69,32 @@ def _clean_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lcm(args: argparse.Namespace) -> int:
+    from .lcm import LCMConfig, outputs, train_lcm
+
+    if args.lora and args.out == "digits-lcm":
+        args.out = "digits-lcm-lora"
+    _check_args(args, outputs(args.lora))
+    cfg = LCMConfig(seed=args.seed, lora=args.lora)
+    if args.steps is not None:
+        cfg.steps = args.steps
+    if args.batch_size is not None:
+        cfg.batch_size = args.batch_size
+    if args.rank is not None:
+        if args.rank < 1:
+            raise ValueError(f"--rank must be at least 1, got {args.rank}")
+        cfg.rank = args.rank
+    info = train_lcm(cfg, args.out, progress=not args.quiet)
+    print(json.dumps({k: v for k, v in info.items() if k != "config"}, indent=2))
+    return 0
+
+
+def _mmd(args: argparse.Namespace) -> int:
+    from .mmd import OUTPUTS, MMDConfig, train_mmd
+
+    return _run(args, MMDConfig, train_mmd, OUTPUTS)
+
+
 def _common(p: argparse.ArgumentParser, out: str = "digits-model", shipped: str = "digits") -> None:
     p.add_argument(
         "--steps", type=int, default=None, help="optimizer steps (default: the shipped recipe)"
@@ -130,6 +157,19 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--width", type=int, default=None, help="base width (default 16)")
     p.set_defaults(func=_clean_classifier)
+    p = subparsers.add_parser(
+        "digits-lcm",
+        help="consistency distillation of digits (LCM); --lora: as a LoRA adapter (LCM-LoRA)",
+    )
+    _common(p, out="digits-lcm", shipped="digits-lcm (--lora: digits-lcm-lora)")
+    p.add_argument("--lora", action="store_true", help="train a LoRA adapter, not all weights")
+    p.add_argument("--rank", type=int, default=None, help="LoRA rank (default 8)")
+    p.set_defaults(func=_lcm)
+    p = subparsers.add_parser(
+        "digits-mmd", help="MMD fine-tuning of digits for a 2-evaluation DDIM sampler"
+    )
+    _common(p, out="digits-mmd", shipped="digits-mmd")
+    p.set_defaults(func=_mmd)
 
 
 def main(argv: list[str] | None = None) -> int:
