@@ -208,7 +208,14 @@ def test_methods_catalogue_and_cli():
     register(parser.add_subparsers())
     args = parser.parse_args(["accel", "--quick", "--out", "x", "--seed", "3", "--resume"])
     assert (args.quick, args.out, args.seed, args.resume) == (True, "x", 3, True)
-    assert args.handler.__name__ == "accel_main"
+    assert args.handler.__name__ == "accel_main" and args.methods is None
+    args = parser.parse_args(["accel", "--methods", "fewstep,w8a8-tdac"])
+    # the baseline always runs (every ratio is against it in the same run), catalogue order
+    assert accel.check_methods(args.methods) == ["float", "w8a8-tdac", *am.fewstep_names()]
+    assert accel.check_methods(["teacher"]) == ["float", "teacher"]
+    assert accel.check_methods(None) is None
+    with pytest.raises(ValueError, match="unknown method 'lcm'; choose from teacher, quant"):
+        accel.check_methods(["lcm"])
 
 
 @pytest.mark.slow
@@ -226,3 +233,30 @@ def test_quick_bench_through_the_cli(tmp_path):
     summary = json.loads((tmp_path / "accel.json").read_text())
     assert summary["rows"][0]["method"] == "float" and summary["rows"][0]["speedup"] == 1.0
     assert (tmp_path / "accel.md").is_file() and (tmp_path / "accel_quality_speed.png").is_file()
+
+
+def test_fewstep_method_counts_real_calls_and_keeps_the_recipes_samples(tmp_path):
+    """A few-step folder (the digits UNet with a 2-call DDIM recipe): the bench's NFE is
+    the UNet calls counted by its hook (guidance: one call of a doubled batch), its samples
+    are ``sample_fewstep``'s with sample ``i`` seeded ``seed + 1 + i``, and its size is the
+    folder's bytes."""
+    import shutil
+
+    from diffusolve.models.bundled import asset_dir
+    from diffusolve.models.fewstep import FewStepRecipe, sample_fewstep
+
+    folder = tmp_path / "digits-ddim"
+    shutil.copytree(asset_dir("digits") / "unet", folder / "unet")
+    shutil.copytree(asset_dir("digits") / "scheduler", folder / "scheduler")
+    FewStepRecipe("digits-ddim", "digits", "ddim", None, "denoise", (1, 2), 1, ()).save(folder)
+    m = am.Method("digits-ddim", "nfe=2", "fewstep", "", 2, str(folder))
+    labels = torch.tensor([3, 8, 1])
+    try:
+        x, nfe = am.sample_batch(m, 0, 3, labels, 5, {}, None)
+        _, nfe_guided = am.sample_batch(m, 0, 3, labels, 5, {}, 2.0)
+    finally:
+        am._fewstep_model.cache_clear()
+    assert (nfe, nfe_guided) == (2, 2)
+    assert torch.equal(x, sample_fewstep(str(folder), 3, 2, labels, seed=6))
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert am.disk_bytes(m, {}) == (size, "model folder (all files)")

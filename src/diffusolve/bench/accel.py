@@ -192,11 +192,37 @@ def chosen_solver(records: list[dict[str, Any]]) -> str | None:
     return min(sel, key=lambda r: (r["fd"], order.get(r["solver"], 99)))["solver"]
 
 
+FAMILIES = ("teacher", "quant", "cache", "fewstep")
+
+
+def check_methods(selected: list[str] | None) -> list[str] | None:
+    """The method names to run for ``--methods`` (names or the families ``teacher``,
+    ``quant``, ``cache``, ``fewstep``); the float baseline is always run, since every ratio
+    is taken against it in the same run. ``None``: every method."""
+    if selected is None:
+        return None
+    catalogue = methods("dpmpp_2m")
+    known = {m.name for m in catalogue}
+    out = {"float"}
+    for name in selected:
+        if name in FAMILIES:
+            fam = "float" if name == "teacher" else name
+            out |= {m.name for m in catalogue if m.family == fam}
+        elif name in known:
+            out.add(name)
+        else:
+            raise ValueError(
+                f"unknown method {name!r}; choose from {', '.join(FAMILIES)} or "
+                f"{', '.join(sorted(known))}"
+            )
+    return [m for m in dict.fromkeys(m.name for m in catalogue) if m in out]
+
+
 def jobs(quick: bool, seed: int, store: Any = None, only: set[str] | None = None) -> Iterator[Job]:
     """The FD floor at ``N``, the solver selection, every method, then the timing job over
     every method. The teacher's NFE points are built after the selection jobs, from their
     records in ``store`` (the runner finishes a job before it asks for the next); without a
-    store they are left out. ``only``: keep these method names (tests)."""
+    store they are left out. ``only``: keep these method names (:func:`check_methods`)."""
     from ..models import fd_digits_noise_floor
 
     cfg = settings(quick, seed)
@@ -476,6 +502,7 @@ def plots(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
 
 def run_accel(
     *,
+    methods: list[str] | None = None,
     quick: bool = False,
     seed: int = 0,
     records: str | Path | None = None,
@@ -483,14 +510,15 @@ def run_accel(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the bench; returns ``{"meta", "records", "goals", "rows"}``. Every finished job is
-    appended to ``records`` (JSONL) at once; ``resume=True`` skips the jobs already there
-    (the configuration must match)."""
+    """Run the bench (``methods``: a subset, :func:`check_methods`; default all); returns
+    ``{"meta", "goals", "rows", "records"}``. Every finished job is appended to ``records``
+    (JSONL) at once; ``resume=True`` skips the jobs already there (the configuration must
+    match)."""
     mode = "resume" if resume else ("overwrite" if overwrite else "new")
     cfg = settings(quick, seed)
-    store = open_store(
-        records, bench=BENCH, key_fields=KEY_FIELDS, config={"quick": bool(quick), **cfg}, mode=mode
-    )
+    only = check_methods(methods)
+    config = {"quick": bool(quick), **cfg, "methods": only}
+    store = open_store(records, bench=BENCH, key_fields=KEY_FIELDS, config=config, mode=mode)
     start = time.perf_counter()
 
     def show(job: Job, record: dict[str, Any], skipped: bool) -> None:
@@ -499,7 +527,9 @@ def run_accel(
             what = job.label or str(job.key)
             print(f"[{time.perf_counter() - start:7.1f}s] {what}{tag}", file=sys.stderr)
 
-    run_jobs_distributed(jobs(quick, seed, store), store, on_record=show)
+    run_jobs_distributed(
+        jobs(quick, seed, store, None if only is None else set(only)), store, on_record=show
+    )
     recs = list(store.records)
     table = rows(recs)
     meta = {
@@ -507,6 +537,7 @@ def run_accel(
         "quick": bool(quick),
         "seed": int(seed),
         "settings": cfg,
+        "methods": only or "all",
         "baseline": f"{SOLVER} {STEPS} steps",
         "teacher_solver": chosen_solver(recs),
         "seconds": round(time.perf_counter() - start, 1),

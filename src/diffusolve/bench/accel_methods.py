@@ -368,6 +368,10 @@ def _fewstep_batch(
             )
     except FileNotFoundError as e:
         raise MissingWeights(str(e)) from None
+    if count.calls == 0:
+        raise RuntimeError(
+            f"{method.option}: no UNet call was seen while sampling, so its NFE is unknown"
+        )
     return out.detach(), count.calls
 
 
@@ -471,9 +475,12 @@ def disk_bytes(method: Method, cfg: dict[str, Any]) -> tuple[int, str]:
 
 
 def _fewstep_folder(name: str) -> Path | None:
-    """The packaged folder of few-step model ``name`` (``None`` when it has no weights)."""
+    """The folder of few-step model ``name``: a bundled name's packaged folder, or ``name``
+    itself when it is a folder (``None`` when there are no weights)."""
     from ..models.bundled import asset_dir
 
+    if Path(name).is_dir():
+        return Path(name)
     try:
         return asset_dir(name)
     except (FileNotFoundError, ValueError):

@@ -372,12 +372,24 @@ def _register_accel(subparsers: Any) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --records")
     p.add_argument("--force", action="store_true", help="start over: overwrite outputs")
     p.add_argument("--json", metavar="PATH", help="the JSON summary (default DIR/accel.json)")
+    p.add_argument(
+        "--methods",
+        type=_csv,
+        help="methods to run (default all; the float baseline always runs): families teacher, "
+        "quant, cache, fewstep or method names such as w8a8-tdac, deepcache-3, digits-lcm",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no per-job progress lines")
     p.set_defaults(func=accel_main, handler=accel_main)
 
 
 def _accel_options(args: argparse.Namespace) -> dict[str, Any]:
+    from .accel import check_methods
+
+    try:
+        check_methods(args.methods)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     out = Path(args.out)
     _check_dir(out, "--out")
     rec = Path(args.records) if args.records else out / "accel.jsonl"
@@ -387,6 +399,7 @@ def _accel_options(args: argparse.Namespace) -> dict[str, Any]:
     if rec.resolve() == Path(args.json).resolve():
         raise UsageError(f"--records and --json are the same file {rec}")
     return {
+        "methods": args.methods,
         "quick": bool(args.quick),
         "seed": int(args.seed),
         "records": rec,
