@@ -186,3 +186,32 @@ def test_int8_dynamic_linear(digits, traj):
     with torch.no_grad():
         assert _rel(digits(x, t, c), q(x, t, c)) < 0.05
     assert type(find_unet(digits).mid_block.attentions[0].to_q) is nn.Linear
+
+
+@pytest.mark.slow  # ~30 s: two torch.export + PT2E prepare passes of the UNet
+def test_real_int8_torchao_pt2e_round_trip(digits, traj, tmp_path):
+    pytest.importorskip(
+        "torchao.quantization.pt2e",
+        reason="torchao is not installed: the torchao-pt2e int8 CPU backend is optional",
+    )
+    from diffusolve.accel.quant import Int8Network, real_int8
+
+    cal = uniform_calibration(traj, cali_st=8, cali_n=4)  # 32 rows: one batch of 32
+    q = real_int8(digits, cal, batch_size=32, compile=False)  # uncompiled: q/dq simulated
+    net = find_unet(q)
+    assert isinstance(net, Int8Network) and type(find_unet(digits)).__name__ == "UNet2DModel"
+    x, t, c = traj.x[3, :4], traj.t[3], torch.arange(4)
+    with torch.no_grad():
+        y = q(x, t, c)
+        assert _rel(digits(x, t, c), y) < 0.05
+    # the program holds int8 weights: one per convolution and linear layer of the UNet
+    (program,) = net._programs.values()
+    n_layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in find_unet(digits).modules())
+    int8 = [b for b in program.buffers() if b.dtype == torch.int8]
+    assert len(int8) == n_layers
+    path = save_quantized(q, tmp_path / "int8.safetensors")
+    r = load_quantized(digits, path, compile=False)
+    with torch.no_grad():
+        assert torch.equal(r(x, t, c), y)
+    with pytest.raises(ValueError, match="backend"):
+        real_int8(digits, cal, backend="int4")
