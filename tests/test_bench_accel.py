@@ -61,7 +61,10 @@ def test_trimmed_run_records(trimmed):
     for name in ("w8a8-uniform", "deepcache-2"):
         r = by[(name, "dpmpp_2m/20")]
         assert r["status"] == "ok" and r["nfe"] == r["nfe_guided"] == 21
-        assert 0 <= r["agree_bundled"] <= 1 and 0 <= r["agree_judge"] <= 1 and r["fd"] > 0
+        for a, n in (("agree", 10), ("cond_agree", 20)):  # fractions of n samples
+            for c in ("bundled", "judge"):
+                assert 0 <= r[f"{a}_{c}"] <= 1 and round(r[f"{a}_{c}"] * n, 4) % 1 == 0
+        assert r["fd"] > 0
     # sizes: the W8 weights are int8 (about a quarter of the float32 UNet, whose first and
     # last convolutions and time embedding stay float); a cache changes no weight
     f32 = by[("float", "dpmpp_2m/20")]["disk_bytes"]
@@ -88,6 +91,7 @@ def test_speedup_is_against_the_baseline_of_the_same_timing_job(trimmed):
             assert rows[(name, setting)]["speedup"] is None
             continue
         assert len(t["repeats"]) == 3 and t["cpu_s_per_sample"] == sorted(t["repeats"])[1]
+        assert t["peak_rss_growth"] == sorted(t["rss_repeats"])[1]
         assert rows[(name, setting)]["speedup"] == base["cpu_s_per_sample"] / t["cpu_s_per_sample"]
         assert t["peak_rss_growth"] >= 0 and t["model_bytes"] > 0
     # the timed solves are the reported ones (same network calls)

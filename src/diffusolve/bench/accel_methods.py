@@ -551,9 +551,10 @@ def speed_runner(
 ) -> Callable[[], dict[str, Any]]:
     """A function measuring every method of ``methods_`` in one process, interleaved: a
     warm-up of 2 samples each (builds or loads the model), then ``repeats`` rounds over all
-    methods of one ``batch`` each. Per method: the median CPU time per sample, every
-    repeat, the peak RSS growth of the first round's batch and the in-memory bytes of its
-    network. A method whose weights are missing is reported so."""
+    methods of one ``batch`` each, every batch from a trimmed heap and a reset peak mark.
+    Per method: the medians over the rounds of the CPU time per sample and of the peak RSS
+    growth (every round's figure kept), and the in-memory bytes of its network. A method
+    whose weights are missing is reported so."""
 
     def run() -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -566,16 +567,18 @@ def speed_runner(
                 out[key] = {"repeats": []}
             except MissingWeights as e:
                 out[key] = {"status": "missing", "message": str(e)}
-        for r in range(repeats):
+        for _ in range(repeats):
             for key, m in live:
-                got = measure_batch(m, batch, seed, cfg, memory=r == 0)
+                got = measure_batch(m, batch, seed, cfg, memory=True)
                 out[key]["repeats"].append(got["cpu_s_per_sample"])
-                if r == 0:
-                    out[key]["nfe"] = got["nfe"]
-                    if "peak_rss_growth" in got:
-                        out[key]["peak_rss_growth"] = got["peak_rss_growth"]
+                out[key].setdefault("rss_repeats", []).append(got.get("peak_rss_growth"))
+                out[key]["nfe"] = got["nfe"]
         for key, m in live:
             out[key]["cpu_s_per_sample"] = median(out[key]["repeats"])
+            rss = [v for v in out[key].pop("rss_repeats") if v is not None]
+            if rss:
+                out[key]["rss_repeats"] = rss
+                out[key]["peak_rss_growth"] = median(rss)
             net = _fewstep_model(m.option) if m.family == "fewstep" else _base_model(m, cfg)
             out[key]["model_bytes"] = model_bytes(net)
         return out
