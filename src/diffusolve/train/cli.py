@@ -75,7 +75,7 @@ def _lcm(args: argparse.Namespace) -> int:
     if args.lora and args.out == "digits-lcm":
         args.out = "digits-lcm-lora"
     _check_args(args, outputs(args.lora))
-    cfg = LCMConfig(seed=args.seed, lora=args.lora)
+    cfg = LCMConfig(seed=args.seed, lora=args.lora, init=args.init)
     if args.steps is not None:
         cfg.steps = args.steps
     if args.batch_size is not None:
@@ -164,6 +164,7 @@ def register(subparsers: Any) -> None:
     _common(p, out="digits-lcm", shipped="digits-lcm (--lora: digits-lcm-lora)")
     p.add_argument("--lora", action="store_true", help="train a LoRA adapter, not all weights")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank (default 8)")
+    p.add_argument("--init", default=None, help="continue from an earlier full digits-lcm folder")
     p.set_defaults(func=_lcm)
     p = subparsers.add_parser(
         "digits-mmd", help="MMD fine-tuning of digits for a 2-evaluation DDIM sampler"

@@ -114,7 +114,7 @@ def evaluate_fewstep(
 
 
 def evaluate_teacher(
-    solvers: tuple[str, ...] = ("dpmpp_2m", "unipc", "dpm_solver_3m"),
+    solvers: tuple[str, ...] = ("dpmpp_2m", "unipc_bh2_2", "dpm_solver_3m"),
     nfes: tuple[int, ...] = (5, 10, 50),
     n: int = 1000,
     seed: int = 0,

@@ -96,8 +96,13 @@ class LCMConfig:
     huber_c: float = 0.00054 * 16.0  # 0.00054 sqrt(d), d = 16 * 16
     sigma_data: float = 0.5
     timestep_scaling: float = 10.0
+    #: continue from an earlier full ``digits-lcm`` folder (student and target start from its
+    #: weights; the teacher stays ``digits``)
+    init: str | None = None
 
     def __post_init__(self) -> None:
+        if self.init is not None and self.lora:
+            raise ValueError("init continues a full distillation; it does not apply to lora")
         if self.loss not in ("huber", "l2"):
             raise ValueError(f"loss must be 'huber' or 'l2', got {self.loss!r}")
         if not 0.0 <= self.target_decay < 1.0:
@@ -198,7 +203,7 @@ def train_lcm(
     k = 1000 // cfg.origin_steps
 
     teacher = base_unet().requires_grad_(False).eval()
-    student = base_unet()
+    student = base_unet() if cfg.init is None else _unet_from(cfg.init)
     lcfg = None
     if cfg.lora:
         lcfg = lora_config(cfg.rank)
@@ -276,6 +281,16 @@ def train_lcm(
     }
     (out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def _unet_from(folder: str | Path) -> Any:
+    """A trainable copy of the UNet of a full ``digits-lcm`` folder."""
+    from diffusers import UNet2DModel
+
+    path = Path(folder).expanduser() / "unet"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--init {folder}: no unet/ folder there (a full digits-lcm)")
+    return UNet2DModel.from_pretrained(str(path)).requires_grad_(True).train()
 
 
 def recipe_for(name: str, solver: str, steps: tuple[int, ...] = (1, 2, 4)) -> FewStepRecipe:

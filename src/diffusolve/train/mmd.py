@@ -57,11 +57,11 @@ OUTPUTS = ("unet", "scheduler", "fewstep.json", "train_info.json")
 class MMDConfig:
     """Hyper-parameters of :func:`train_mmd` (defaults: the shipped ``digits-mmd``)."""
 
-    steps: int = 400
+    steps: int = 250
     seed: int = 0
     batch_size: int = 60  # generated and real samples per step, batch_size / 10 per class
     nfe: int = 2
-    lr: float = 5e-5
+    lr: float = 1e-4
     warmup: int = 20
     weight_decay: float = 0.0
     grad_clip: float = 0.5
