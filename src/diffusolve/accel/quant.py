@@ -34,7 +34,8 @@ Pipeline (shared by the three papers below):
    up-down-sampling block, AdaRound soft rounding of the weights and learned activation
    steps against the float block's and layers' outputs, ending hard-rounded on the same
    int8 grid (300 iterations per block by default, sized for a CPU; the paper runs
-   thousands).
+   thousands). Measured (digits, TDAC, FD-digits at 1,000 samples, float 0.264): W8A8
+   0.263 without / 0.264 with FBR, W4A8 0.301 without / 0.259 with FBR.
 
 Fake quantization is simulated in float32 and is slower than the float model, not faster;
 :func:`save_quantized` stores int8 weights (int4 packed two per byte) with their scales,

@@ -35,7 +35,21 @@ bit for bit with no extra state.
 
 Iterations: the papers run thousands per block (BRECQ / Q-Diffusion 20,000; EDA-DM's
 scripts thousands); the default here is 300 per block with batch 32, sized for a CPU (the
-bundled digits UNet has 14 blocks: a few minutes on one thread).
+bundled digits UNet has 19 blocks: 3-5 minutes on one shared CPU thread).
+
+Measured on the bundled digits model (TDAC calibration, 1,024 rows from 256 dpmpp_2m
+20-step trajectories; FD-digits of 1,000 samples, labels ``i % 10``, dpmpp_2m 20 steps,
+the same starts for every model; float 0.264):
+
+=========  ==============  ==================  =============================
+setting    TDAC (nearest)  TDAC + FBR (300 it)  block loss after / before FBR
+=========  ==============  ==================  =============================
+W8A8       0.263           0.264               median 0.90 (0.76-0.98)
+W4A8       0.301           0.259               median 0.37 (0.21-0.77)
+=========  ==============  ==================  =============================
+
+At W8A8 the nearest-rounded model is already at the float model's FD and FBR changes
+nothing measurable; at W4A8 FBR removes the whole gap (0.301 -> 0.259, float 0.264).
 """
 
 from __future__ import annotations
