@@ -308,9 +308,11 @@ def test_shipped_model_samples_deterministically(name: str) -> None:
     recipe = fewstep_recipe(name)
     assert model.fewstep == recipe and recipe.steps == (1, 2, 4)
     a = sample_fewstep(model, 6, 2, seed=3)
-    b = sample_fewstep(name, 6, 2, seed=3, batch_size=4)  # batches do not matter
+    assert torch.equal(a, sample_fewstep(name, 6, 2, seed=3))  # deterministic for a seed
     assert torch.isfinite(a).all() and a.abs().max() <= 1.0
-    assert torch.equal(a, b)
+    # per-sample generators: the batch split changes only the kernels' round-off
+    b = sample_fewstep(model, 6, 2, seed=3, batch_size=4)
+    assert (a - b).abs().max() < 1e-4
     # the recipe is the solver core's: the same samples through diffusolve.sample
     for steps in (2, 4):
         gens = [torch.Generator().manual_seed(5 + i) for i in range(3)]
