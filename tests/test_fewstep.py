@@ -295,6 +295,10 @@ def test_cli_refuses_to_overwrite(tmp_path: Path) -> None:
             main(["train", *argv, "--out", str(out), "--steps", "1"])
     with pytest.raises(ValueError, match="--rank"):
         main(["train", "digits-lcm", "--lora", "--rank", "0", "--out", str(tmp_path / "r")])
+    with pytest.raises(ValueError, match="--lr"):
+        main(["train", "digits-lcm", "--lr", "0", "--out", str(tmp_path / "l")])
+    with pytest.raises(ValueError, match="lora"):
+        main(["train", "digits-lcm", "--lora", "--init", "x", "--out", str(tmp_path / "i")])
 
 
 def test_sample_fewstep_needs_a_recipe() -> None:

@@ -84,6 +84,13 @@ def _lcm(args: argparse.Namespace) -> int:
         if args.rank < 1:
             raise ValueError(f"--rank must be at least 1, got {args.rank}")
         cfg.rank = args.rank
+    if args.lr is not None:
+        if not args.lr > 0:
+            raise ValueError(f"--lr must be positive, got {args.lr}")
+        if args.lora:
+            cfg.lora_lr = args.lr
+        else:
+            cfg.lr = args.lr
     info = train_lcm(cfg, args.out, progress=not args.quiet)
     print(json.dumps({k: v for k, v in info.items() if k != "config"}, indent=2))
     return 0
@@ -165,6 +172,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--lora", action="store_true", help="train a LoRA adapter, not all weights")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank (default 8)")
     p.add_argument("--init", default=None, help="continue from an earlier full digits-lcm folder")
+    p.add_argument(
+        "--lr", type=float, default=None, help="peak learning rate (default 1e-4; LoRA 1e-3)"
+    )
     p.set_defaults(func=_lcm)
     p = subparsers.add_parser(
         "digits-mmd", help="MMD fine-tuning of digits for a 2-evaluation DDIM sampler"
