@@ -246,7 +246,8 @@ def load(
     """A bundled model or a local diffusers folder as a ready :class:`Denoiser`.
 
     Args:
-        name: a bundled model name (``"digits"``, ``"digits-tokens"``) or the path of a
+        name: a bundled model name (``"digits"``, ``"digits-tokens"``, the few-step
+            ``"digits-lcm"``, ``"digits-lcm-lora"``, ``"digits-mmd"``) or the path of a
             diffusers folder, e.g. one written by ``diffusolve train digits --out my-digits``.
         dtype: the network's dtype.
 
@@ -259,6 +260,12 @@ def load(
     A folder with a ``tokenizer.json`` and a ``text_encoder/`` (``digits-tokens``, or one
     written by ``diffusolve train digits-tokens``) is wrapped in :class:`TokenConditioned`:
     ``cond`` is a caption, a list of captions, token ids or embedded tokens.
+    A folder with a ``consistency.json`` (a consistency model) is wrapped in
+    :class:`~diffusolve.models.consistency.ConsistencyBoundary`; one with
+    ``lora/adapter_config.json`` is its base model (``base_model_name_or_path``) with the
+    adapter merged (:func:`~diffusolve.models.lora.load_lora_unet`, needs peft); one with a
+    ``fewstep.json`` gets its sampling recipe as ``model.fewstep``
+    (:mod:`diffusolve.models.fewstep`).
 
     Classifier-free guidance is a layer above models: ``diffusolve.load(name, guidance=w)``
     or :func:`diffusolve.guidance.classifier_free`.
