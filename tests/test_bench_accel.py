@@ -161,7 +161,7 @@ def test_rules_on_hand_made_records():
     assert rows["deepcache-3"]["note"] == ""  # faster than float, better FD than teacher
     assert rows["teacher"]["note"] == "" and rows["digits-lcm"]["note"] == ""
     g = {text: (met, fig) for text, met, fig in accel.goals(recs)}
-    assert g[accel.GOALS[0]][0] is True and "w8a8-uniform 1.100 (1.100x)" in g[accel.GOALS[0]][1]
+    assert g[accel.GOALS[0]][0] is True and "w8a8-uniform 1.100 (+10.00 %)" in g[accel.GOALS[0]][1]
     assert g[accel.GOALS[1]][0] is False  # 1.49x at FD +5 %; 1.6x at FD +20 %
     assert g[accel.GOALS[2]][0] is True
     # across the thresholds: W8A8 11 % worse, a cache at exactly 1.5x and +10 %, LCM worse

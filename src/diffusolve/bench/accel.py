@@ -348,6 +348,11 @@ def _notes(table: list[dict[str, Any]]) -> None:
             )
 
 
+def _pct(ratio: float) -> str:
+    """A ratio to the float FD as a signed percentage, e.g. ``+10.01 %``."""
+    return f"{100 * (ratio - 1):+.2f} %"
+
+
 def _mb(v: Any) -> str:
     return f"{v / 2**20:.2f}" if finite(v) and v >= 0 else "–"
 
@@ -436,7 +441,7 @@ def goals(records: list[dict[str, Any]]) -> list[tuple[str, bool, str]]:
     if base is None:
         return [(g, False, "no float baseline record") for g in GOALS]
     w8 = [r for r in ok if r["method"].startswith("w8a8")]
-    figs = ", ".join(f"{r['method']} {r['fd']:.3f} ({r['fd_ratio']:.3f}x)" for r in w8)
+    figs = ", ".join(f"{r['method']} {r['fd']:.3f} ({_pct(r['fd_ratio'])})" for r in w8)
     met = any(r["fd"] <= 1.1 * base["fd"] for r in w8)
     out.append((GOALS[0], met, f"float FD {base['fd']:.3f}; {figs or 'no W8A8 records'}"))
     cache = [r for r in ok if r["family"] == "cache"]
@@ -446,7 +451,7 @@ def goals(records: list[dict[str, Any]]) -> list[tuple[str, bool, str]]:
         if finite(r["speedup"]) and r["speedup"] >= 1.5 and r["fd"] <= 1.1 * base["fd"]
     ]
     figs = ", ".join(
-        f"{r['method']} {_f(r['speedup'], '.2f')}x at FD {r['fd']:.3f} ({r['fd_ratio']:.3f}x)"
+        f"{r['method']} {_f(r['speedup'], '.2f')}x at FD {r['fd']:.3f} ({_pct(r['fd_ratio'])})"
         for r in cache
     )
     out.append((GOALS[1], bool(good), figs or "no caching records"))
