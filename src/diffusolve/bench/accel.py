@@ -498,6 +498,7 @@ def plots(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         ax.axhline(floor["fd"], color="grey", ls=":", label=f"real digits (n={floor['n']})")
     ax.axvline(1.0, color="grey", lw=0.5)
     ax.set_xscale("log")
+    ax.set_yscale("log")  # few-step points at NFE 1 reach ~10x the float FD
     ax.set_xlabel("speed-up over the float baseline (CPU time per sample)")
     ax.set_ylabel("FD-digits (lower is better)")
     ax.set_title(f"Acceleration on digits (baseline {SOLVER}, {STEPS} steps)")
