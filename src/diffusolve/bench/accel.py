@@ -606,6 +606,14 @@ def markdown_report(result: dict[str, Any]) -> str:
     ]
     for g in result["goals"]:
         lines.append(f"| {g['goal']} | {'yes' if g['met'] else 'no'} | {g['measured']} |")
+    if meta["quick"]:
+        lines += [
+            "",
+            "A quick run checks that every method runs; its FD-digits use so few samples that "
+            "the noise floor is close to the differences between methods, so its goal column "
+            "and notes are not a ranking. The goals are judged on the full run (`diffusolve "
+            "bench accel`, 1,000 samples).",
+        ]
     for title, table in tables(result["records"]):
         lines += ["", f"## {title}", "", table.rstrip()]
     return "\n".join(lines)
