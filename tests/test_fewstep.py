@@ -338,9 +338,25 @@ def test_shipped_model_samples_deterministically(name: str) -> None:
             ).clamp(-1.0, 1.0)
         ours = sample_fewstep(model, 3, steps, torch.arange(3), seed=5)
         assert (ours - ref).abs().max() < 1e-4
-    # guidance works through the null class
-    g = sample_fewstep(model, 4, 2, seed=0, guidance=2.0)
-    assert torch.isfinite(g).all() and not torch.equal(g, sample_fewstep(model, 4, 2, seed=0))
+    # guidance through the null class is the guidance layer's classifier-free guidance
+    g = sample_fewstep(model, 3, 2, torch.arange(3), seed=5, guidance=2.0)
+    assert torch.isfinite(g).all() and not torch.equal(g, ours)
+    gens = [torch.Generator().manual_seed(5 + i) for i in range(3)]
+    x = float(model.process.sigma(999.0)) * per_sample_noise(gens, (1, 16, 16))
+    with torch.no_grad():
+        ref = diffusolve.sample(
+            diffusolve.load(name, guidance=2.0),
+            x,
+            recipe.grid(2),
+            recipe.solver,
+            cond=torch.arange(3),
+            final=recipe.final,
+            noise=lambda shape, dtype=torch.float32, device=None: per_sample_noise(
+                gens, tuple(shape[1:])
+            ).to(dtype),
+            x0_transform=lambda z: z.clamp(-1.0, 1.0),
+        ).clamp(-1.0, 1.0)
+    assert (g - ref).abs().max() < 1e-4
 
 
 @pytest.mark.slow
