@@ -196,6 +196,11 @@ def test_methods_catalogue_and_cli():
     assert names[0] == "float" and names.count("teacher") == 3
     assert {"w8a8-uniform", "w8a8-ptq4dm", "w8a8-tdac", "w4a8-ptq4dm", "int8-dynamic"} <= set(names)
     assert ("w8a8-edadm" in names) == am.reconstruction_available()
+    # the compiled int8 program only in the full run (minutes of compilation per shape)
+    assert am.REAL_INT8 not in names
+    assert am.REAL_INT8 in [m.name for m in am.methods("dpm_solver_3m", real_int8=True)]
+    assert not accel.settings(True, 0)["real_int8"] and accel.settings(False, 0)["real_int8"]
+    assert accel.check_methods([am.REAL_INT8]) == ["float", am.REAL_INT8]
     assert {
         "deepcache-2",
         "deepcache-3",

@@ -24,6 +24,11 @@ model (or a few-step model distilled from it). Measured per method:
   ``/proc/self/clear_refs``, the C heap trimmed first); measured in the timing job;
 * **NFE**: the network calls the solve really made.
 
+The full run also measures ``int8-pt2e``, the real int8 CPU program of
+:func:`~diffusolve.accel.quant.real_int8` (torchao PT2E, TDAC calibration): it is compiled
+once per batch shape (minutes each on one thread), so the quick run leaves it out and a
+machine without torchao records it as missing.
+
 The teacher's best solver for NFE 5, 10 and 50 is chosen among ``dpmpp_2m``,
 ``unipc_bh2_2`` and ``dpm_solver_3m`` by FD-digits at NFE 10 on **separate starts** (seed
 ``+ 500000``), not on the reported samples. Goals (issue 12): W8A8 within 10 % of the float FD-digits; caching
@@ -47,6 +52,7 @@ from typing import Any
 import torch
 
 from .accel_methods import (
+    REAL_INT8,
     SOLVER,
     STEPS,
     TEACHER_NFES,
@@ -95,6 +101,7 @@ QUICK = {
     "n_traj": 32,
     "n_cal": 256,
     "recon_iters": 10,
+    "real_int8": False,
 }
 FULL = {
     "n_fd": 1000,
@@ -105,6 +112,7 @@ FULL = {
     "n_traj": 64,
     "n_cal": 1024,
     "recon_iters": 100,
+    "real_int8": True,
 }
 
 
@@ -207,7 +215,7 @@ def check_methods(selected: list[str] | None) -> list[str] | None:
     is taken against it in the same run. ``None``: every method."""
     if selected is None:
         return None
-    catalogue = methods("dpmpp_2m")
+    catalogue = methods("dpmpp_2m", real_int8=True)
     known = {m.name for m in catalogue}
     out = {"float"}
     for name in selected:
@@ -246,7 +254,9 @@ def jobs(quick: bool, seed: int, store: Any = None, only: set[str] | None = None
             yield Job(k, lambda store, s=solver: _select(s, cfg), label=f"select {solver}")
     selected = [store.get(k) for k in sel_keys] if store is not None else []
     teacher = chosen_solver([r for r in selected if r is not None])
-    todo = [m for m in methods(teacher) if only is None or m.name in only]
+    real = cfg.get("real_int8", False) or (only is not None and REAL_INT8 in only)
+    catalogue = methods(teacher, real_int8=real)
+    todo = [m for m in catalogue if only is None or m.name in only]
     for m in todo:
         yield Job(
             _key("method", m.name, m.setting), lambda store, m=m: _measure(m, cfg), label=m.label
@@ -315,6 +325,7 @@ def _simpler(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
     rank = {**{k: v[-1] for k, v in QUANT.items()}, **{k: v[-1] for k, v in CACHE.items()}}
     rank["int8-dynamic"] = 0
+    rank[REAL_INT8] = 1
     if a["family"] == b["family"] and a["family"] in ("quant", "cache"):
         return rank.get(b["method"], 0) < rank.get(a["method"], 0)
     if a["family"] == b["family"] == "fewstep":

@@ -159,9 +159,14 @@ def reconstruction_available() -> bool:
     return "reconstruct" in inspect.signature(quant.quantize).parameters
 
 
-def methods(teacher_solver: str | None) -> list[Method]:
+#: the real int8 CPU program (torchao PT2E, Inductor-compiled once per batch shape: minutes
+#: each on one thread, so only the full run has it)
+REAL_INT8 = "int8-pt2e"
+
+
+def methods(teacher_solver: str | None, real_int8: bool = False) -> list[Method]:
     """Every method in report order; the teacher's NFE points only once its solver is
-    chosen (``teacher_solver``)."""
+    chosen (``teacher_solver``); the real int8 program when ``real_int8``."""
     out = [Method("float", f"{SOLVER}/{STEPS}", "float", SOLVER, STEPS)]
     if teacher_solver is not None:
         for nfe in TEACHER_NFES:
@@ -172,6 +177,8 @@ def methods(teacher_solver: str | None) -> list[Method]:
             continue
         out.append(Method(name, f"{SOLVER}/{STEPS}", "quant", SOLVER, STEPS, f"{bits}:{cal}", rank))
     out.append(Method("int8-dynamic", f"{SOLVER}/{STEPS}", "quant", SOLVER, STEPS, "int8", 0))
+    if real_int8:
+        out.append(Method(REAL_INT8, f"{SOLVER}/{STEPS}", "quant", SOLVER, STEPS, "int8:tdac", 1))
     for name, (kind, interval, _noise, rank) in CACHE.items():
         out.append(
             Method(name, f"{SOLVER}/{STEPS}", "cache", SOLVER, STEPS, f"{kind}:{interval}", rank)
@@ -259,13 +266,20 @@ def _calibration(kind: str, seed: int, n_traj: int, n_cal: int) -> Any:
 
 @lru_cache(maxsize=8)
 def quantized(name: str, seed: int, n_traj: int, n_cal: int, recon_iters: int = 300) -> Any:
-    """The quantized model of method ``name`` (a key of ``QUANT`` or ``int8-dynamic``);
+    """The quantized model of method ``name`` (a key of ``QUANT``, ``int8-dynamic`` or
+    :data:`REAL_INT8`);
     EDA-DM's block reconstruction runs ``recon_iters`` steps per block."""
     from ..accel import quant
 
     model = _float_model()
     if name == "int8-dynamic":
         return quant.int8_dynamic(model)
+    if name == REAL_INT8:  # static int8 of every conv / linear layer, TDAC-calibrated
+        try:
+            quant._require_torchao()
+        except ImportError as e:
+            raise MissingWeights(f"{e}; or pip install 'diffusolve[accel]'") from None
+        return quant.real_int8(model, _calibration("tdac", seed, n_traj, n_cal))
     bits, cal, recon, _ = QUANT[name]
     cfg = quant.QuantConfig(weight_bits=bits, act_bits=8)
     calib = _calibration(cal, seed, n_traj, n_cal)
