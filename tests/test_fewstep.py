@@ -299,6 +299,14 @@ def test_cli_refuses_to_overwrite(tmp_path: Path) -> None:
         main(["train", "digits-lcm", "--lr", "0", "--out", str(tmp_path / "l")])
     with pytest.raises(ValueError, match="lora"):
         main(["train", "digits-lcm", "--lora", "--init", "x", "--out", str(tmp_path / "i")])
+    # --init writes the boundary scalings too, so an earlier consistency.json is guarded
+    out = tmp_path / "lcm-mmd"
+    out.mkdir()
+    (out / "consistency.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="--force"):
+        main(["train", "digits-mmd", "--init", "digits-lcm", "--out", str(out), "--steps", "1"])
+    with pytest.raises(FileNotFoundError, match="consistency.json"):
+        main(["train", "digits-mmd", "--init", str(tmp_path), "--out", str(tmp_path / "m")])
 
 
 def test_sample_fewstep_needs_a_recipe() -> None:
@@ -357,6 +365,25 @@ def test_shipped_model_samples_deterministically(name: str) -> None:
             x0_transform=lambda z: z.clamp(-1.0, 1.0),
         ).clamp(-1.0, 1.0)
     assert (g - ref).abs().max() < 1e-4
+
+
+def test_mmd_lcm_chain_is_the_shipped_lcm_sampler() -> None:
+    """The chain ``train_mmd`` differentiates with ``init`` is the ``lcm`` recipe that
+    ``sample_fewstep`` runs: the same prior and re-noising draws give the same samples."""
+    from diffusolve.train.mmd import lcm_chain
+
+    model, labels = load("digits-lcm"), torch.tensor([3, 7, 10])
+    gens = [torch.Generator().manual_seed(5 + i) for i in range(3)]
+    z = per_sample_noise(gens, (1, 16, 16))
+    noise = [per_sample_noise(gens, (1, 16, 16))]  # each generator's second draw
+    scal = DDPMScalars(dtype=torch.float32)
+    x = float(scal(torch.tensor([999]))[1]) * z
+    with torch.no_grad():
+        ours = lcm_chain(model.model.unet, x, labels, [999, 499], scal, model.model.scalings, noise)
+    ref = sample_fewstep(model, 3, 2, labels, seed=5)
+    assert (ours - ref).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="noise"):
+        lcm_chain(model.model.unet, x, labels, [999, 499], scal, model.model.scalings, [])
 
 
 @pytest.mark.slow

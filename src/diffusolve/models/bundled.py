@@ -12,9 +12,10 @@ text encoder), trained on captions measured from each image, e.g.
 ``"thick slanted-left small three"`` (:mod:`diffusolve.models.attributes`). Wrapped in
 :class:`TokenConditioned`. See ``assets/digits-tokens/MODEL_CARD.md``.
 
-``digits-lcm``, ``digits-lcm-lora``, ``digits-mmd``: few-step models trained from ``digits``
-(consistency distillation, full and as a LoRA merged into ``digits`` on loading; MMD
-fine-tuning), each with a ``fewstep.json`` sampling recipe; see
+``digits-lcm``, ``digits-lcm-lora``, ``digits-mmd``, ``digits-lcm-mmd``: few-step models
+trained from ``digits`` (consistency distillation, full and as a LoRA merged into ``digits``
+on loading; MMD fine-tuning of ``digits`` and of ``digits-lcm``), each with a ``fewstep.json``
+sampling recipe; see
 :mod:`diffusolve.models.fewstep`.
 """
 
@@ -38,7 +39,18 @@ __all__ = [
     "TokenConditioned",
 ]
 
-BUNDLED = ("digits", "digits-tokens", "digits-lcm", "digits-lcm-lora", "digits-mmd")
+BUNDLED = (
+    "digits",
+    "digits-tokens",
+    "digits-lcm",
+    "digits-lcm-lora",
+    "digits-mmd",
+    "digits-lcm-mmd",
+)
+_TRAIN_ARGS = {
+    "digits-lcm-lora": "digits-lcm --lora",
+    "digits-lcm-mmd": "digits-mmd --init digits-lcm --lr 2e-5 --steps 300",
+}
 #: bundled models that ship a noise-aware classifier
 _CLASSIFIERS = ("digits",)
 NULL_CLASS = 10
@@ -53,7 +65,7 @@ def asset_dir(name: str = "digits") -> Path:
         raise ValueError(f"unknown bundled model {name!r}; available: {BUNDLED}")
     path = Path(__file__).resolve().parent.parent / "assets" / name
     if not (path / "unet" / "config.json").is_file() and not (path / _LORA_CONFIG).is_file():
-        train = "digits-lcm --lora" if name == "digits-lcm-lora" else name
+        train = _TRAIN_ARGS.get(name, name)
         raise FileNotFoundError(
             f"{path} has no weights; retrain them with `diffusolve train {train}`."
         )
@@ -247,7 +259,8 @@ def load(
 
     Args:
         name: a bundled model name (``"digits"``, ``"digits-tokens"``, the few-step
-            ``"digits-lcm"``, ``"digits-lcm-lora"``, ``"digits-mmd"``) or the path of a
+            ``"digits-lcm"``, ``"digits-lcm-lora"``, ``"digits-mmd"``, ``"digits-lcm-mmd"``)
+            or the path of a
             diffusers folder, e.g. one written by ``diffusolve train digits --out my-digits``.
         dtype: the network's dtype.
 

@@ -1,7 +1,8 @@
 """Few-step digits models and their sampling recipes.
 
-Three bundled models are trained from ``digits`` to be sampled with very few network
-evaluations (``diffusolve train digits-lcm``, ``digits-lcm --lora``, ``digits-mmd``):
+Four bundled models are trained from ``digits`` to be sampled with very few network
+evaluations (``diffusolve train digits-lcm``, ``digits-lcm --lora``, ``digits-mmd``,
+``digits-mmd --init digits-lcm``):
 
 - ``digits-lcm``: consistency distillation (Luo et al. 2023, Latent Consistency Models; Song
   et al. 2023, Consistency Models), full fine-tune, sampled with multistep consistency
@@ -9,7 +10,9 @@ evaluations (``diffusolve train digits-lcm``, ``digits-lcm --lora``, ``digits-mm
 - ``digits-lcm-lora``: the same distillation as a LoRA on the base model (Luo et al. 2023,
   LCM-LoRA), merged into ``digits`` when loaded;
 - ``digits-mmd``: MMD fine-tuning for a two-evaluation DDIM sampler (Aiello, Valsesia &
-  Magli 2023, arXiv 2301.07969).
+  Magli 2023, arXiv 2301.07969);
+- ``digits-lcm-mmd``: ``digits-lcm`` MMD-fine-tuned through its own two-evaluation ``lcm``
+  sampler (the same loss, the consistency boundary scalings kept).
 
 Each folder has a ``fewstep.json`` recipe (:class:`FewStepRecipe`): the solver, the times
 at which the network is called for each step count, and the final policy. ``steps`` counts
@@ -43,7 +46,7 @@ __all__ = [
     "RECIPE_NAME",
 ]
 
-FEWSTEP_MODELS = ("digits-lcm", "digits-lcm-lora", "digits-mmd")
+FEWSTEP_MODELS = ("digits-lcm", "digits-lcm-lora", "digits-mmd", "digits-lcm-mmd")
 RECIPE_NAME = "fewstep.json"
 _SOLVERS = ("lcm", "ddim")
 _FINALS = ("denoise",)
@@ -51,6 +54,7 @@ _TRAIN_COMMANDS = {
     "digits-lcm": "diffusolve train digits-lcm",
     "digits-lcm-lora": "diffusolve train digits-lcm --lora",
     "digits-mmd": "diffusolve train digits-mmd",
+    "digits-lcm-mmd": "diffusolve train digits-mmd --init digits-lcm --lr 2e-5 --steps 300",
 }
 
 

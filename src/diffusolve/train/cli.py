@@ -97,9 +97,20 @@ def _lcm(args: argparse.Namespace) -> int:
 
 
 def _mmd(args: argparse.Namespace) -> int:
-    from .mmd import OUTPUTS, MMDConfig, train_mmd
+    from .mmd import MMDConfig, outputs, train_mmd
 
-    return _run(args, MMDConfig, train_mmd, OUTPUTS)
+    if args.init is not None and args.out == "digits-mmd":
+        args.out = "digits-lcm-mmd"
+    _check_args(args, outputs(args.init))
+    if args.lr is not None and not args.lr > 0:
+        raise ValueError(f"--lr must be positive, got {args.lr}")
+    cfg = MMDConfig(seed=args.seed, init=args.init)
+    for name in ("steps", "batch_size", "lr"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    info = train_mmd(cfg, args.out, progress=not args.quiet)
+    print(json.dumps({k: v for k, v in info.items() if k != "config"}, indent=2))
+    return 0
 
 
 def _common(p: argparse.ArgumentParser, out: str = "digits-model", shipped: str = "digits") -> None:
@@ -177,9 +188,18 @@ def register(subparsers: Any) -> None:
     )
     p.set_defaults(func=_lcm)
     p = subparsers.add_parser(
-        "digits-mmd", help="MMD fine-tuning of digits for a 2-evaluation DDIM sampler"
+        "digits-mmd",
+        help="MMD fine-tuning of digits for a 2-evaluation DDIM sampler; --init digits-lcm: "
+        "of a consistency model for its 2-evaluation lcm sampler",
     )
-    _common(p, out="digits-mmd", shipped="digits-mmd")
+    _common(p, out="digits-mmd", shipped="digits-mmd (--init digits-lcm: digits-lcm-mmd)")
+    p.add_argument(
+        "--init",
+        default=None,
+        help="fine-tune this consistency model (bundled name or folder, e.g. digits-lcm) "
+        "through its own lcm sampler (default output ./digits-lcm-mmd)",
+    )
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-4)")
     p.set_defaults(func=_mmd)
 
 

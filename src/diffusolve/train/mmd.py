@@ -18,6 +18,16 @@ split) batches share their class labels (generation uses the null class with pro
 ``phi``: the 64-d penultimate (pooled) features of the shipped clean *guide* classifier
 (:func:`diffusolve.models.clean_classifier.load_clean_classifier`), never the FD-digits
 feature network (that would train on the metric) nor the judge classifier.
+
+``init`` (``diffusolve train digits-mmd --init digits-lcm``, the bundled ``digits-lcm-mmd``)
+fine-tunes a consistency model instead: the network keeps its boundary scalings
+(:mod:`diffusolve.models.consistency`) and the differentiated sampler is its own multistep
+consistency sampler (Song et al. 2023, Alg. 1; the ``lcm`` recipe): ``x0 = f(x_T, 999)``,
+then ``x = alpha_499 x0 + sigma_499 z`` with fresh noise ``z`` (drawn outside the graph, so
+the chain is reparameterised and the gradient flows through ``x0`` into both calls), and the
+sample is ``f(x, 499)``. The stochastic re-noising is kept because it is the sampler the
+model is shipped with: tuning for the deterministic DDIM chain would tune a sampler that is
+not used.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from ..models.consistency import BoundaryScalings
 from ..models.data import NUM_CLASSES, load_digits
 from ..models.fewstep import skipping_timesteps
 from .fewstep import DDPMScalars, base_unet, ema_update, lr_factor, unet_x0
@@ -44,6 +55,8 @@ __all__ = [
     "class_mmd2",
     "guide_features",
     "ddim_chain",
+    "lcm_chain",
+    "outputs",
     "OUTPUTS",
     "ASSET_DIR",
 ]
@@ -51,6 +64,14 @@ __all__ = [
 NULL_CLASS = NUM_CLASSES
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "digits-mmd"
 OUTPUTS = ("unet", "scheduler", "fewstep.json", "train_info.json")
+#: the default output of ``--init`` (a consistency model fine-tuned with MMD)
+INIT_ASSET_DIR = ASSET_DIR.parent / "digits-lcm-mmd"
+
+
+def outputs(init: str | None = None) -> tuple[str, ...]:
+    """The files/folders ``train_mmd`` writes (what ``--force`` guards); ``init`` adds the
+    boundary scalings ``consistency.json``."""
+    return OUTPUTS + (("consistency.json",) if init is not None else ())
 
 
 @dataclass
@@ -69,8 +90,14 @@ class MMDConfig:
     ema_decay: float = 0.99
     degree: int = 3
     checkpointing: bool = True
+    #: fine-tune a consistency model (a bundled name such as ``"digits-lcm"`` or a folder
+    #: with ``unet/`` and ``consistency.json``) through its own ``lcm`` sampler instead of
+    #: the teacher ``digits`` through DDIM
+    init: str | None = None
 
     def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
         if self.nfe < 1:
             raise ValueError(f"nfe must be at least 1, got {self.nfe}")
         if self.batch_size < 2 * NUM_CLASSES:
@@ -159,6 +186,60 @@ def ddim_chain(
     raise ValueError("times must not be empty")
 
 
+def lcm_chain(
+    unet: Any,
+    x: Tensor,
+    y: Tensor,
+    times: list,
+    scal: DDPMScalars,
+    bound: BoundaryScalings,
+    noise: list,
+    checkpointing: bool = True,
+) -> Tensor:
+    """The differentiable multistep consistency sample from ``x`` at ``times[0]``: one call
+    ``f(x, t) = c_skip(t) x + c_out(t) x0_net(x, t)`` per time (clamped to [-1, 1]), between
+    calls ``x = alpha_t' f + sigma_t' z`` with ``z = noise[i]`` (the ``lcm`` recipe's
+    re-noising, reparameterised); the last call's output is returned. ``noise`` holds
+    ``len(times) - 1`` tensors shaped like ``x``.
+    """
+    from .lcm import consistency_fn
+
+    if len(noise) != len(times) - 1:
+        raise ValueError(
+            f"{len(times)} calls need {len(times) - 1} noise tensors, got {len(noise)}"
+        )
+    f = consistency_fn(unet, y, scal, bound)
+
+    def x0_of(x: Tensor, t: Tensor) -> Tensor:
+        return f(x, t).clamp(-1.0, 1.0)
+
+    for i, ti in enumerate(times):
+        t = torch.full((x.shape[0],), int(ti), dtype=torch.long)
+        x0 = checkpoint(x0_of, x, t, use_reentrant=False) if checkpointing else x0_of(x, t)
+        if i == len(times) - 1:
+            return x0
+        a1, s1 = scal(torch.full_like(t, int(times[i + 1])), x.ndim)
+        x = a1 * x0 + s1 * noise[i]
+    raise ValueError("times must not be empty")
+
+
+def _init_model(init: str) -> tuple[Any, BoundaryScalings, Path]:
+    """The trainable UNet and boundary scalings of a consistency-model folder or name."""
+    from diffusers import UNet2DModel
+
+    from ..models.bundled import BUNDLED, asset_dir
+
+    folder = asset_dir(init) if init in BUNDLED else Path(init).expanduser()
+    bound = BoundaryScalings.read(folder)
+    if bound is None or not (folder / "unet" / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--init {init}: {folder} needs unet/ and consistency.json (a full consistency "
+            "model such as digits-lcm; a LoRA folder is not supported)"
+        )
+    unet = UNet2DModel.from_pretrained(str(folder / "unet")).requires_grad_(True).train()
+    return unet, bound, folder
+
+
 def train_mmd(
     cfg: MMDConfig | None = None, out: str | Path | None = None, *, progress: bool = True
 ) -> dict[str, Any]:
@@ -166,7 +247,9 @@ def train_mmd(
 
     Writes ``out/unet``, ``out/scheduler``, ``fewstep.json`` (the ``ddim`` recipe) and
     ``train_info.json``; returns the training record. The saved weights are an EMA of the
-    fine-tuned ones (``ema_decay``).
+    fine-tuned ones (``ema_decay``). With ``cfg.init`` the consistency model there is tuned
+    through its ``lcm`` sampler instead, and ``consistency.json`` and the ``lcm`` recipe are
+    written.
 
     Example (a few steps only)::
 
@@ -182,14 +265,18 @@ def train_mmd(
     from .lcm import recipe_for
 
     cfg = cfg or MMDConfig()
-    out = Path(out) if out is not None else ASSET_DIR
+    out = Path(out) if out is not None else (INIT_ASSET_DIR if cfg.init else ASSET_DIR)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     x_train, y_train = load_digits("train")
     scal = DDPMScalars(dtype=torch.float32)
     times = skipping_timesteps(cfg.nfe)
     guide = load_clean_classifier("digits")
-    unet = base_unet()
+    bound = None
+    if cfg.init is not None:
+        unet, bound, _ = _init_model(cfg.init)
+    else:
+        unet = base_unet()
     ema = copy.deepcopy(unet).requires_grad_(False)
     params = list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -213,8 +300,13 @@ def train_mmd(
         real = [ic[torch.randperm(len(ic), generator=gen)[:m]] for ic in by_class]
         if n_null:
             real.append(torch.randperm(n, generator=gen)[:n_null])
-        z = sigma_T * torch.randn((len(labels), *x_train.shape[1:]), generator=gen)
-        x_gen = ddim_chain(unet, z, labels, times, scal, cfg.checkpointing)
+        shape = (len(labels), *x_train.shape[1:])
+        z = sigma_T * torch.randn(shape, generator=gen)
+        if bound is None:
+            x_gen = ddim_chain(unet, z, labels, times, scal, cfg.checkpointing)
+        else:
+            noise = [torch.randn(shape, generator=gen) for _ in times[1:]]
+            x_gen = lcm_chain(unet, z, labels, times, scal, bound, noise, cfg.checkpointing)
         f_gen = guide_features(guide, x_gen) / scale
         with torch.no_grad():
             f_real = [guide_features(guide, x_train[i]) / scale for i in real]
@@ -234,15 +326,18 @@ def train_mmd(
     out.mkdir(parents=True, exist_ok=True)
     ema.save_pretrained(out / "unet", safe_serialization=True)
     build_scheduler(DigitsConfig()).save_pretrained(out / "scheduler")
-    recipe_for(out.name, "ddim").save(out)
+    recipe_for(out.name, "ddim" if bound is None else "lcm").save(out)
+    if bound is not None:
+        bound.save(out)
     k = max(1, min(50, len(losses) // 4))
+    chain = "DDIM chain" if bound is None else f"lcm chain (init {cfg.init})"
     info = {
         "config": asdict(cfg),
-        "method": "MMD fine-tuning (KID kernel, unbiased MMD^2) of a differentiable DDIM chain",
+        "method": f"MMD fine-tuning (KID kernel, unbiased MMD^2) of a differentiable {chain}",
         "features": "clean guide classifier, 64-d pooled penultimate features / their RMS "
         "on the train split",
         "loss": "mean over the 10 classes and the null group of the unbiased MMD^2",
-        "ddim_times": times,
+        ("ddim_times" if bound is None else "lcm_times"): times,
         "trainable_parameters": sum(p.numel() for p in params),
         "train_images": n,
         "wall_time_s": round(wall, 1),
