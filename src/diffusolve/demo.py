@@ -11,7 +11,8 @@
 5. Guidance and composition on the bundled model: one digit per class under every
    guidance method (classifier-free and its variants, classifier, EluCD, loss guidance),
    judged by an independent classifier; "3 OR 8" and "3 AND 8" by SuperDiff.
-6. Few-step models distilled or fine-tuned from the bundled model (LCM, LCM-LoRA, MMD):
+6. Few-step models distilled or fine-tuned from the bundled model (LCM, LCM-LoRA, MMD,
+   LCM + MMD):
    one digit per class at 1, 2 and 4 network evaluations next to the teacher at 3 and 10,
    with FD-digits per model at NFE 2.
 7. On an exact reference (a Gaussian mixture whose probability-flow ODE is solved to
@@ -548,7 +549,8 @@ def _fewstep_section(out: Path, quick: bool, progress: bool, t0: float) -> tuple
         + ", ".join(titles)
         + ". The few-step models are trained from the bundled model by `diffusolve train "
         "digits-lcm` (consistency distillation, full and as a LoRA) and `diffusolve train "
-        "digits-mmd` (MMD fine-tuning for two evaluations); their model cards give the "
+        "digits-mmd` (MMD fine-tuning for two evaluations, of the teacher or, with `--init "
+        "digits-lcm`, of the LCM model: `digits-lcm-mmd`); their model cards give the "
         "recipes and `diffusolve bench accel` the full comparison.",
         "",
         "![few-step panel](fewstep.png)",

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
-import importlib
 import math
 import tempfile
 import time
@@ -50,16 +49,13 @@ __all__ = [
     "TEACHER_SOLVERS",
     "TEACHER_NFES",
     "FEWSTEP_NFES",
-    "FEWSTEP_FALLBACK",
     "methods",
     "steps_for_nfe",
     "generate",
     "disk_bytes",
     "model_bytes",
     "measure_batch",
-    "fewstep_module",
     "fewstep_names",
-    "reconstruction_available",
 ]
 
 #: the teacher's own solver and steps: the baseline every ratio refers to
@@ -69,8 +65,6 @@ STEPS = 20
 TEACHER_SOLVERS = ("dpmpp_2m", "unipc_bh2_2", "dpm_solver_3m")
 TEACHER_NFES = (5, 10, 50)
 FEWSTEP_NFES = (1, 2, 4)
-#: the few-step models' names when :mod:`diffusolve.models.fewstep` is not installed
-FEWSTEP_FALLBACK = ("digits-lcm", "digits-lcm-lora", "digits-mmd")
 CHUNK = 250
 
 
@@ -132,31 +126,11 @@ CACHE = {
 }
 
 
-def fewstep_module() -> Any | None:
-    """:mod:`diffusolve.models.fewstep`, or ``None`` when this checkout has none."""
-    try:
-        return importlib.import_module("diffusolve.models.fewstep")
-    except ImportError:
-        return None
-
-
 def fewstep_names() -> tuple[str, ...]:
-    mod = fewstep_module()
-    return tuple(getattr(mod, "FEWSTEP_MODELS", FEWSTEP_FALLBACK)) if mod else FEWSTEP_FALLBACK
+    """The bundled few-step models (:data:`diffusolve.models.fewstep.FEWSTEP_MODELS`)."""
+    from ..models.fewstep import FEWSTEP_MODELS
 
-
-def reconstruction_available() -> bool:
-    """Whether :mod:`diffusolve.accel.quant` offers EDA-DM's block reconstruction
-    (``quantize(..., reconstruct=BlockReconstruction(...))`` of ``accel.recon``)."""
-    import inspect
-
-    from ..accel import quant
-
-    try:
-        importlib.import_module("diffusolve.accel.recon")
-    except ImportError:
-        return False
-    return "reconstruct" in inspect.signature(quant.quantize).parameters
+    return tuple(FEWSTEP_MODELS)
 
 
 #: the real int8 CPU program (torchao PT2E, Inductor-compiled once per batch shape: minutes
@@ -172,9 +146,7 @@ def methods(teacher_solver: str | None, real_int8: bool = False) -> list[Method]
         for nfe in TEACHER_NFES:
             steps = steps_for_nfe(teacher_solver, nfe)
             out.append(Method("teacher", f"nfe={nfe}", "float", teacher_solver, steps))
-    for name, (bits, cal, recon, rank) in QUANT.items():
-        if recon and not reconstruction_available():
-            continue
+    for name, (bits, cal, _recon, rank) in QUANT.items():
         out.append(Method(name, f"{SOLVER}/{STEPS}", "quant", SOLVER, STEPS, f"{bits}:{cal}", rank))
     out.append(Method("int8-dynamic", f"{SOLVER}/{STEPS}", "quant", SOLVER, STEPS, "int8", 0))
     if real_int8:
@@ -285,8 +257,6 @@ def quantized(name: str, seed: int, n_traj: int, n_cal: int, recon_iters: int = 
     calib = _calibration(cal, seed, n_traj, n_cal)
     if not recon:
         return quant.quantize(model, cfg, calib, seed=seed)
-    if not reconstruction_available():
-        raise MissingWeights("EDA-DM block reconstruction is not in diffusolve.accel.quant")
     from ..accel.recon import BlockReconstruction
 
     opts = BlockReconstruction(iters=recon_iters, seed=seed)
@@ -349,16 +319,11 @@ class _CallCounter:
 def _fewstep_model(name: str) -> Any:
     """The few-step model ``name`` loaded once (``diffusolve.models.load``; it carries its
     recipe), or :class:`MissingWeights` with the loader's message (the train command)."""
-    mod = fewstep_module()
-    if mod is None:
-        raise MissingWeights(
-            "diffusolve.models.fewstep is not in this checkout (the few-step models are not "
-            "landed yet)"
-        )
     from ..models import load
+    from ..models.fewstep import fewstep_recipe
 
     try:
-        mod.fewstep_recipe(name)
+        fewstep_recipe(name)
         return load(name)
     except FileNotFoundError as e:
         raise MissingWeights(str(e)) from None
@@ -369,10 +334,12 @@ def _fewstep_batch(
 ) -> tuple[Tensor, int]:
     """``n`` samples of a few-step model (sample ``i`` seeded ``seed + i``) and the
     network calls they took (UNet forwards counted by a hook)."""
+    from ..models.fewstep import sample_fewstep
+
     model = _fewstep_model(method.option)
     try:
         with _CallCounter() as count, torch.no_grad():
-            out = fewstep_module().sample_fewstep(
+            out = sample_fewstep(
                 model,
                 n,
                 method.steps,
