@@ -169,8 +169,8 @@ def fewstep_recipe(name: str | Path) -> FewStepRecipe:
     """The sampling recipe of few-step model ``name`` (a bundled name or a folder).
 
     Example:
-        >>> r = fewstep_recipe("digits-lcm")  # doctest: +SKIP
-        >>> r.solver, r.steps  # doctest: +SKIP
+        >>> r = fewstep_recipe("digits-lcm")
+        >>> r.solver, r.steps
         ('lcm', (1, 2, 4))
     """
     folder = _folder(name)
@@ -221,8 +221,8 @@ def sample_fewstep(
     train`` command when the weights are not there.
 
     Example:
-        >>> x = sample_fewstep("digits-lcm", 4, 2, seed=0)  # doctest: +SKIP
-        >>> x.shape  # doctest: +SKIP
+        >>> x = sample_fewstep("digits-lcm", 4, 2, seed=0)
+        >>> x.shape
         torch.Size([4, 1, 16, 16])
     """
     from .bundled import NULL_CLASS, load
