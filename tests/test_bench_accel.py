@@ -269,3 +269,19 @@ def test_fewstep_method_counts_real_calls_and_keeps_the_recipes_samples(tmp_path
     assert torch.equal(x, sample_fewstep(str(folder), 3, 2, labels, seed=6))
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     assert am.disk_bytes(m, {}) == (size, "model folder (all files)")
+
+
+def test_model_bytes_counts_any_network_module():
+    """The compiled int8 path replaces the UNet by another module (Int8Network): its state
+    is still counted (parameters and buffers, bytes by element size)."""
+
+    class Wrapped(torch.nn.Module):  # stands in for Int8Network: not a diffusers UNet
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(3, 5)  # 15 weights + 5 biases, float32
+            self.register_buffer("obs", torch.zeros(4, dtype=torch.float64))
+
+    class Denoiser:
+        unet = Wrapped()
+
+    assert am.model_bytes(Denoiser()) == (15 + 5) * 4 + 4 * 8

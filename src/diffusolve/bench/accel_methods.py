@@ -422,8 +422,10 @@ def _tensor_bytes(obj: Any) -> int:
 
 def model_bytes(model: Any) -> int:
     """Bytes of the network's state (parameters and buffers; int8 packed weights of the
-    dynamic path at one byte each) as held in memory."""
-    from ..accel import find_unet
+    dynamic path at one byte each) as held in memory. The compiled int8 program
+    (``int8-pt2e``) counts the float network it keeps to build a program per shape; the
+    programs' own int8 weights show in the measured resident-set growth instead."""
+    from ..accel.quant import find_unet  # any network module, Int8Network included
 
     return sum(_tensor_bytes(v) for v in find_unet(model).state_dict().values())
 
