@@ -300,21 +300,26 @@ def _register_guidance(subparsers: Any) -> None:
             "PNG plots."
         ),
     )
-    p.add_argument("--quick", action="store_true", help="small run, under 3 minutes")
-    p.add_argument("--out", metavar="DIR", default="bench-out", help="report and plots")
-    p.add_argument("--records", metavar="PATH.jsonl", help="default DIR/guidance.jsonl")
-    p.add_argument("--resume", action="store_true", help="continue the run in --records")
-    p.add_argument("--force", action="store_true", help="start over: overwrite outputs")
-    p.add_argument("--json", metavar="PATH", help="write the full result as JSON")
+    _report_bench_args(p, "guidance", "under 3 minutes", "write the full result as JSON")
     p.add_argument(
         "--phases",
         type=_csv,
         help="phases to run (default all): digits, compose, density, compose-digits, "
         "likelihood, intrinsic-dim, digits-analysis, transfer",
     )
+    p.set_defaults(func=guidance_main, handler=guidance_main)
+
+
+def _report_bench_args(p: argparse.ArgumentParser, name: str, quick: str, json_help: str) -> None:
+    """The options every records-and-report bench shares (``guidance``, ``accel``)."""
+    p.add_argument("--quick", action="store_true", help=f"small run, {quick}")
+    p.add_argument("--out", metavar="DIR", default="bench-out", help="report and plots")
+    p.add_argument("--records", metavar="PATH.jsonl", help=f"default DIR/{name}.jsonl")
+    p.add_argument("--resume", action="store_true", help="continue the run in --records")
+    p.add_argument("--force", action="store_true", help="start over: overwrite outputs")
+    p.add_argument("--json", metavar="PATH", help=json_help)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no per-job progress lines")
-    p.set_defaults(func=guidance_main, handler=guidance_main)
 
 
 def _guidance_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -357,8 +362,8 @@ def _register_accel(subparsers: Any) -> None:
         description=(
             "On the bundled digits model: the float baseline (dpmpp_2m, 20 steps), the "
             "teacher's best solver at NFE 5, 10, 50, post-training quantization (W8A8 "
-            "uniform / PTQ4DM / TDAC calibration, W4A8, EDA-DM block reconstruction when "
-            "present, the CPU int8 dynamic path), feature caching (DeepCache, encoder "
+            "uniform / PTQ4DM / TDAC calibration, W4A8, EDA-DM block reconstruction, the CPU "
+            "int8 paths), feature caching (DeepCache, encoder "
             "propagation) and the few-step models at NFE 1, 2, 4: FD-digits with its noise "
             "floor, class agreement at CFG 2, CPU time per sample as a speed-up over the "
             "baseline measured in the same run, size on disk and peak memory. Every finished "
@@ -366,20 +371,13 @@ def _register_accel(subparsers: Any) -> None:
             "DIR/accel.md, DIR/accel.json and DIR/accel_quality_speed.png."
         ),
     )
-    p.add_argument("--quick", action="store_true", help="small run, about 2 minutes")
-    p.add_argument("--out", metavar="DIR", default="bench-out", help="report and plots")
-    p.add_argument("--records", metavar="PATH.jsonl", help="default DIR/accel.jsonl")
-    p.add_argument("--resume", action="store_true", help="continue the run in --records")
-    p.add_argument("--force", action="store_true", help="start over: overwrite outputs")
-    p.add_argument("--json", metavar="PATH", help="the JSON summary (default DIR/accel.json)")
+    _report_bench_args(p, "accel", "about 2 minutes", "the JSON summary (default DIR/accel.json)")
     p.add_argument(
         "--methods",
         type=_csv,
         help="methods to run (default all; the float baseline always runs): families teacher, "
         "quant, cache, fewstep or method names such as w8a8-tdac, deepcache-3, digits-lcm",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true", help="no per-job progress lines")
     p.set_defaults(func=accel_main, handler=accel_main)
 
 
