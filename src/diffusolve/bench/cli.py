@@ -329,16 +329,21 @@ def _guidance_options(args: argparse.Namespace) -> dict[str, Any]:
         phases = check_phases(args.phases)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    return {"phases": phases, **_report_bench_run(args, "guidance")}
+
+
+def _report_bench_run(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """Check --out, --records (default DIR/<name>.jsonl) and --json before any work; the
+    run options every records-and-report bench shares."""
     out = Path(args.out)
     _check_dir(out, "--out")
-    rec = Path(args.records) if args.records else out / "guidance.jsonl"
+    rec = Path(args.records) if args.records else out / f"{name}.jsonl"
     _check_file(rec, "--records", force=args.force, may_exist=args.resume)
     if args.json:
         _check_file(Path(args.json), "--json", force=args.force, may_exist=args.resume)
         if rec.resolve() == Path(args.json).resolve():
             raise UsageError(f"--records and --json are the same file {rec}")
     return {
-        "phases": phases,
         "quick": bool(args.quick),
         "seed": int(args.seed),
         "records": rec,
@@ -388,22 +393,8 @@ def _accel_options(args: argparse.Namespace) -> dict[str, Any]:
         check_methods(args.methods)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    out = Path(args.out)
-    _check_dir(out, "--out")
-    rec = Path(args.records) if args.records else out / "accel.jsonl"
-    args.json = args.json or str(out / "accel.json")
-    _check_file(rec, "--records", force=args.force, may_exist=args.resume)
-    _check_file(Path(args.json), "--json", force=args.force, may_exist=args.resume)
-    if rec.resolve() == Path(args.json).resolve():
-        raise UsageError(f"--records and --json are the same file {rec}")
-    return {
-        "methods": args.methods,
-        "quick": bool(args.quick),
-        "seed": int(args.seed),
-        "records": rec,
-        "resume": bool(args.resume),
-        "overwrite": bool(args.force),
-    }
+    args.json = args.json or str(Path(args.out) / "accel.json")
+    return {"methods": args.methods, **_report_bench_run(args, "accel")}
 
 
 def accel_main(args: argparse.Namespace) -> int:
