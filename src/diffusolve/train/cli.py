@@ -104,10 +104,9 @@ def _mmd(args: argparse.Namespace) -> int:
     _check_args(args, outputs(args.init))
     if args.lr is not None and not args.lr > 0:
         raise ValueError(f"--lr must be positive, got {args.lr}")
-    cfg = MMDConfig(seed=args.seed, init=args.init)
-    for name in ("steps", "batch_size", "lr"):
-        if getattr(args, name) is not None:
-            setattr(cfg, name, getattr(args, name))
+    given = ("steps", "batch_size", "lr", "guide_weight", "pixel_weight", "stage_weight")
+    kwargs = {k: getattr(args, k) for k in given if getattr(args, k) is not None}
+    cfg = MMDConfig(seed=args.seed, init=args.init, **kwargs)
     info = train_mmd(cfg, args.out, progress=not args.quiet)
     print(json.dumps({k: v for k, v in info.items() if k != "config"}, indent=2))
     return 0
@@ -200,6 +199,25 @@ def register(subparsers: Any) -> None:
         "through its own lcm sampler (default output ./digits-lcm-mmd)",
     )
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-4)")
+    p.add_argument(
+        "--guide-weight",
+        type=float,
+        default=None,
+        help="weight of the MMD on the guide classifier's penultimate features (default 1)",
+    )
+    p.add_argument(
+        "--pixel-weight",
+        type=float,
+        default=None,
+        help="weight of an MMD on the pixels / their RMS (default 0: none)",
+    )
+    p.add_argument(
+        "--stage-weight",
+        type=float,
+        default=None,
+        help="weight of each MMD on the pooled outputs of the guide's first two stages "
+        "(default 0: none)",
+    )
     p.set_defaults(func=_mmd)
 
 

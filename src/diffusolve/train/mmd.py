@@ -19,6 +19,16 @@ split) batches share their class labels (generation uses the null class with pro
 (:func:`diffusolve.models.clean_classifier.load_clean_classifier`), never the FD-digits
 feature network (that would train on the metric) nor the judge classifier.
 
+Richer kernels (options, off by default): the loss is a weighted sum of per-feature-set
+MMDs, ``L = sum_k w_k L_k`` with each ``L_k`` the class-conditional loss
+(:func:`class_mmd2`) on one feature set, every set divided by its RMS over the train split:
+``guide_weight`` on the penultimate features above, ``pixel_weight`` on the 256 pixels
+themselves and ``stage_weight`` on the pooled outputs of the guide's two lower stages
+(16-d at 16x16 and 32-d at 8x8, one MMD each), i.e. a multi-scale feature kernel in the
+spirit of the multi-layer Inception/CLIP features MMD-DDM allows. A sum of kernels is a
+kernel, so ``L`` is the MMD of the product feature space with the summed kernel
+(Gretton et al. 2012, Section 2.2), still unbiased per group.
+
 ``init`` (``diffusolve train digits-mmd --init digits-lcm``, the bundled ``digits-lcm-mmd``)
 fine-tunes a consistency model instead: the network keeps its boundary scalings
 (:mod:`diffusolve.models.consistency`) and the differentiated sampler is its own multistep
@@ -33,6 +43,7 @@ not used.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,6 +65,9 @@ __all__ = [
     "mmd2_unbiased",
     "class_mmd2",
     "guide_features",
+    "guide_stage_features",
+    "feature_sets",
+    "weighted_mmd2",
     "ddim_chain",
     "lcm_chain",
     "outputs",
@@ -94,8 +108,24 @@ class MMDConfig:
     #: with ``unet/`` and ``consistency.json``) through its own ``lcm`` sampler instead of
     #: the teacher ``digits`` through DDIM
     init: str | None = None
+    #: weight of the MMD on the guide classifier's 64-d penultimate features
+    guide_weight: float = 1.0
+    #: weight of the MMD on the 256 pixels / their RMS (0: no pixel term)
+    pixel_weight: float = 0.0
+    #: weight of each MMD on the pooled outputs of the guide's first two stages (16-d and
+    #: 32-d, each / its RMS; 0: none)
+    stage_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        for name in ("guide_weight", "pixel_weight", "stage_weight"):
+            w = getattr(self, name)
+            if not (math.isfinite(w) and w >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {w}")
+        if not self.weights():
+            raise ValueError(
+                "guide_weight, pixel_weight and stage_weight are all 0: the loss would be "
+                "empty; give at least one feature set a positive weight"
+            )
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.nfe < 1:
@@ -105,6 +135,13 @@ class MMDConfig:
                 f"batch_size must be at least {2 * NUM_CLASSES} (two samples per class for the "
                 f"unbiased MMD), got {self.batch_size}"
             )
+
+    def weights(self) -> dict[str, float]:
+        """The positive feature-set weights, in loss order (``guide``, ``pixel``,
+        ``stage1``, ``stage2``); the default is ``{"guide": 1.0}``, the shipped loss."""
+        w = {"guide": self.guide_weight, "pixel": self.pixel_weight}
+        w |= {"stage1": self.stage_weight, "stage2": self.stage_weight}
+        return {k: float(v) for k, v in w.items() if v > 0}
 
 
 def poly_kernel(a: Tensor, b: Tensor, degree: int = 3) -> Tensor:
@@ -158,6 +195,67 @@ def class_mmd2(f_gen: Tensor, labels: Tensor, f_real: list, degree: int = 3) -> 
 def guide_features(net: torch.nn.Module, x: Tensor) -> Tensor:
     """The clean guide classifier's pooled penultimate features ``[B, 4 w]``."""
     return net.stages(net.stem(x)).mean(dim=(2, 3))
+
+
+def guide_stage_features(net: torch.nn.Module, x: Tensor) -> list[Tensor]:
+    """The pooled output of each stage of the clean guide classifier, ``[[B, w], [B, 2 w],
+    [B, 4 w]]`` (the last is :func:`guide_features`), from one forward pass."""
+    h = net.stem(x)
+    pooled = []
+    for stage in net.stages:
+        h = stage(h)
+        pooled.append(h.mean(dim=(2, 3)))
+    return pooled
+
+
+def feature_sets(net: torch.nn.Module, x: Tensor, names: Any) -> dict[str, Tensor]:
+    """The raw (unscaled) feature sets ``names`` of images ``x`` ``[B, 1, H, W]``:
+    ``guide`` (pooled penultimate features of the guide ``net``), ``pixel`` (the flattened
+    image), ``stage1`` / ``stage2`` (pooled outputs of the guide's first two stages); the
+    guide is run once for all of its sets.
+
+    Example:
+        >>> from diffusolve.models.clean_classifier import CleanClassifier
+        >>> f = feature_sets(CleanClassifier(width=4), torch.zeros(3, 1, 16, 16), ["pixel", "stage2"])
+        >>> {k: tuple(v.shape) for k, v in f.items()}
+        {'pixel': (3, 256), 'stage2': (3, 8)}
+    """
+    names = list(names)
+    unknown = set(names) - {"guide", "pixel", "stage1", "stage2"}
+    if unknown:
+        raise ValueError(
+            f"unknown feature sets {sorted(unknown)}; use guide, pixel, stage1, stage2"
+        )
+    out: dict[str, Tensor] = {}
+    stages = guide_stage_features(net, x) if {"guide", "stage1", "stage2"} & set(names) else None
+    for name in names:
+        if name == "pixel":
+            out[name] = x.flatten(1)
+        elif name == "guide":
+            out[name] = stages[2]
+        else:
+            out[name] = stages[int(name[-1]) - 1]
+    return out
+
+
+def weighted_mmd2(
+    f_gen: dict[str, Tensor],
+    labels: Tensor,
+    f_real: dict[str, list],
+    weights: dict[str, float],
+    degree: int = 3,
+) -> Tensor:
+    """``sum_k weights[k] * class_mmd2(f_gen[k], labels, f_real[k])`` over the feature sets
+    ``k`` of ``weights`` in its order (the first term alone, not ``0 + w * term``, so one set
+    of weight 1 is exactly :func:`class_mmd2`)."""
+    total = None
+    for k, w in weights.items():
+        term = class_mmd2(f_gen[k], labels, f_real[k], degree)
+        term = term if w == 1.0 else w * term
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("weights is empty: give at least one feature set a weight")
+    return total
 
 
 def ddim_chain(
@@ -223,6 +321,17 @@ def lcm_chain(
     raise ValueError("times must not be empty")
 
 
+_FEATURES_NOTE = (
+    "clean guide classifier, 64-d pooled penultimate features / their RMS on the train split"
+)
+_SET_NOTES = {
+    "guide": "clean guide classifier, 64-d pooled penultimate features",
+    "pixel": "the 256 pixels",
+    "stage1": "clean guide classifier, 16-d pooled output of stage 1 (16x16)",
+    "stage2": "clean guide classifier, 32-d pooled output of stage 2 (8x8)",
+}
+
+
 def _init_model(init: str) -> tuple[Any, BoundaryScalings, Path]:
     """The trainable UNet and boundary scalings of a consistency-model folder or name."""
     from diffusers import UNet2DModel
@@ -286,8 +395,12 @@ def train_mmd(
     n = x_train.shape[0]
     m = cfg.batch_size // NUM_CLASSES
     by_class = [torch.nonzero(y_train == c).flatten() for c in range(NUM_CLASSES)]
+    weights = cfg.weights()
     with torch.no_grad():
-        scale = float(guide_features(guide, x_train).pow(2).mean().sqrt())
+        scale = {
+            k: float(f.pow(2).mean().sqrt())
+            for k, f in feature_sets(guide, x_train, weights).items()
+        }
     n_null = max(2, round(cfg.label_dropout * cfg.batch_size)) if cfg.label_dropout > 0 else 0
     labels = torch.cat(
         [torch.arange(NUM_CLASSES).repeat_interleave(m), torch.full((n_null,), NULL_CLASS)]
@@ -307,10 +420,11 @@ def train_mmd(
         else:
             noise = [torch.randn(shape, generator=gen) for _ in times[1:]]
             x_gen = lcm_chain(unet, z, labels, times, scal, bound, noise, cfg.checkpointing)
-        f_gen = guide_features(guide, x_gen) / scale
+        f_gen = {k: f / scale[k] for k, f in feature_sets(guide, x_gen, weights).items()}
         with torch.no_grad():
-            f_real = [guide_features(guide, x_train[i]) / scale for i in real]
-        loss = class_mmd2(f_gen, labels, f_real, cfg.degree)
+            per_batch = [feature_sets(guide, x_train[i], weights) for i in real]
+            f_real = {k: [f[k] / scale[k] for f in per_batch] for k in weights}
+        loss = weighted_mmd2(f_gen, labels, f_real, weights, cfg.degree)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -334,9 +448,13 @@ def train_mmd(
     info = {
         "config": asdict(cfg),
         "method": f"MMD fine-tuning (KID kernel, unbiased MMD^2) of a differentiable {chain}",
-        "features": "clean guide classifier, 64-d pooled penultimate features / their RMS "
-        "on the train split",
-        "loss": "mean over the 10 classes and the null group of the unbiased MMD^2",
+        "features": _FEATURES_NOTE
+        if weights == {"guide": 1.0}
+        else {
+            k: f"{_SET_NOTES[k]}, / its RMS on the train split ({scale[k]:.4g})" for k in weights
+        },
+        "loss": "mean over the 10 classes and the null group of the unbiased MMD^2"
+        + ("" if weights == {"guide": 1.0} else f", weighted sum over the feature sets {weights}"),
         ("ddim_times" if bound is None else "lcm_times"): times,
         "trainable_parameters": sum(p.numel() for p in params),
         "train_images": n,
