@@ -24,10 +24,10 @@ MMDs, ``L = sum_k w_k L_k`` with each ``L_k`` the class-conditional loss
 (:func:`class_mmd2`) on one feature set, every set divided by its RMS over the train split:
 ``guide_weight`` on the penultimate features above, ``pixel_weight`` on the 256 pixels
 themselves and ``stage_weight`` on the pooled outputs of the guide's two lower stages
-(16-d at 16x16 and 32-d at 8x8, one MMD each), i.e. a multi-scale feature kernel in the
-spirit of the multi-layer Inception/CLIP features MMD-DDM allows. A sum of kernels is a
-kernel, so ``L`` is the MMD of the product feature space with the summed kernel
-(Gretton et al. 2012, Section 2.2), still unbiased per group.
+(16-d at 16x16 and 32-d at 8x8, one MMD each), a multi-scale kernel. A sum of kernels is
+a kernel, so ``L`` is the MMD^2 of the concatenated features under the summed kernel (MMD^2
+is linear in the kernel), still unbiased per group. The bundled ``digits-lcm-mmd`` is a
+second stage with all three weights 1 (its model card has both commands).
 
 ``init`` (``diffusolve train digits-mmd --init digits-lcm``, the bundled ``digits-lcm-mmd``)
 fine-tunes a consistency model instead: the network keeps its boundary scalings
