@@ -309,6 +309,25 @@ def test_cli_refuses_to_overwrite(tmp_path: Path) -> None:
         main(["train", "digits-mmd", "--init", str(tmp_path), "--out", str(tmp_path / "m")])
 
 
+def test_rebuild_hints_are_the_model_cards_commands() -> None:
+    # the missing-weights hint of every bundled few-step model names the `diffusolve train`
+    # arguments its MODEL_CARD.md runs (digits-lcm-mmd: both MMD stages, in order)
+    from diffusolve.models.bundled import TRAIN_STAGES, asset_dir, train_hint
+
+    for name in SHIPPED:
+        card = (asset_dir(name) / "MODEL_CARD.md").read_text()
+        stages = TRAIN_STAGES.get(name, (name,))
+        hint = train_hint(name)
+        assert hint.count("diffusolve train") == len(stages)
+        for stage in stages:
+            args = stage.split(" --out ")[0].replace("STAGE1", "")
+            for token in args.split(" --"):
+                assert token.strip() in card, (name, token)
+    assert "--pixel-weight 1" in train_hint("digits-lcm-mmd").split(", then ")[1]
+    with pytest.raises(FileNotFoundError, match="few-step models are"):
+        fewstep_recipe("/nonexistent/few-step-folder")
+
+
 def test_sample_fewstep_needs_a_recipe() -> None:
     with pytest.raises(ValueError, match="recipe"):
         sample_fewstep(load("digits"), 2, 2)

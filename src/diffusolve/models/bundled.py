@@ -47,10 +47,30 @@ BUNDLED = (
     "digits-mmd",
     "digits-lcm-mmd",
 )
-_TRAIN_ARGS = {
-    "digits-lcm-lora": "digits-lcm --lora",
-    "digits-lcm-mmd": "digits-mmd --init digits-lcm --lr 2e-5 --steps 300",
+#: the ``diffusolve train`` arguments that rebuild a bundled model, in order (its
+#: MODEL_CARD.md gives the full commands with seeds and output folders); ``digits-lcm-mmd``
+#: is two MMD stages over ``digits-lcm``
+TRAIN_STAGES: dict[str, tuple[str, ...]] = {
+    "digits-lcm-lora": ("digits-lcm --lora",),
+    "digits-lcm-mmd": (
+        "digits-mmd --init digits-lcm --lr 2e-5 --steps 300 --out STAGE1",
+        "digits-mmd --init STAGE1 --lr 2e-5 --steps 800 --batch-size 120 --pixel-weight 1 "
+        "--stage-weight 1",
+    ),
 }
+
+
+def train_hint(name: str) -> str:
+    """The ``diffusolve train`` command(s) that rebuild bundled model ``name``.
+
+    Example:
+        >>> train_hint("digits-lcm-lora")
+        '`diffusolve train digits-lcm --lora`'
+    """
+    stages = TRAIN_STAGES.get(name, (name,))
+    return ", then ".join(f"`diffusolve train {s}`" for s in stages)
+
+
 #: bundled models that ship a noise-aware classifier
 _CLASSIFIERS = ("digits",)
 NULL_CLASS = 10
@@ -65,10 +85,7 @@ def asset_dir(name: str = "digits") -> Path:
         raise ValueError(f"unknown bundled model {name!r}; available: {BUNDLED}")
     path = Path(__file__).resolve().parent.parent / "assets" / name
     if not (path / "unet" / "config.json").is_file() and not (path / _LORA_CONFIG).is_file():
-        train = _TRAIN_ARGS.get(name, name)
-        raise FileNotFoundError(
-            f"{path} has no weights; retrain them with `diffusolve train {train}`."
-        )
+        raise FileNotFoundError(f"{path} has no weights; retrain them with {train_hint(name)}.")
     return path
 
 

@@ -50,12 +50,6 @@ FEWSTEP_MODELS = ("digits-lcm", "digits-lcm-lora", "digits-mmd", "digits-lcm-mmd
 RECIPE_NAME = "fewstep.json"
 _SOLVERS = ("lcm", "ddim")
 _FINALS = ("denoise",)
-_TRAIN_COMMANDS = {
-    "digits-lcm": "diffusolve train digits-lcm",
-    "digits-lcm-lora": "diffusolve train digits-lcm --lora",
-    "digits-mmd": "diffusolve train digits-mmd",
-    "digits-lcm-mmd": "diffusolve train digits-mmd --init digits-lcm --lr 2e-5 --steps 300",
-}
 
 
 def skipping_timesteps(n: int, num_train_timesteps: int = 1000, origin_steps: int = 50) -> list:
@@ -176,8 +170,14 @@ def fewstep_recipe(name: str | Path) -> FewStepRecipe:
     folder = _folder(name)
     path = folder / RECIPE_NAME
     if not path.is_file():
-        train = _TRAIN_COMMANDS.get(str(name))
-        hint = f"train it with `{train}`" if train else f"few-step models are {FEWSTEP_MODELS}"
+        from .bundled import train_hint
+
+        known = isinstance(name, str) and name in FEWSTEP_MODELS
+        hint = (
+            f"train it with {train_hint(name)}"
+            if known
+            else f"few-step models are {FEWSTEP_MODELS}"
+        )
         raise FileNotFoundError(f"{str(name)!r} has no few-step recipe ({path} is missing); {hint}")
     label = str(name) if isinstance(name, str) and name in FEWSTEP_MODELS else folder.name
     return FewStepRecipe.from_json(label, json.loads(path.read_text()))
