@@ -321,15 +321,14 @@ def lcm_chain(
     raise ValueError("times must not be empty")
 
 
-_FEATURES_NOTE = (
-    "clean guide classifier, 64-d pooled penultimate features / their RMS on the train split"
-)
 _SET_NOTES = {
     "guide": "clean guide classifier, 64-d pooled penultimate features",
     "pixel": "the 256 pixels",
     "stage1": "clean guide classifier, 16-d pooled output of stage 1 (16x16)",
     "stage2": "clean guide classifier, 32-d pooled output of stage 2 (8x8)",
 }
+#: the ``features`` entry of ``train_info.json`` for the default (guide-only) loss
+_FEATURES_NOTE = _SET_NOTES["guide"] + " / their RMS on the train split"
 
 
 def _init_model(init: str) -> tuple[Any, BoundaryScalings, Path]:
