@@ -96,13 +96,96 @@ def test_all_full_is_bitwise_plain(unet, inputs, make):
     assert (run.n_full, run.n_cached) == (3, 0)
 
 
+def _layer(block, j, h, emb):
+    h = block.resnets[j](h, emb)
+    attn = getattr(block, "attentions", None)
+    return attn[j](h) if attn else h
+
+
+def _by_hand(unet, x, t, y, stale=None, slot=None):
+    """The UNet layer by layer. Returns the output and the input of every up layer
+    ``(u, j)``. With ``slot = (b, l)`` and ``stale`` (the up-layer inputs of an earlier call)
+    it is DeepCache's cached call: the down path stops at slot ``(b, l)`` and the up path
+    resumes at the up layer taking that slot's skip, on the stale input of that layer."""
+    emb = unet.time_embedding(unet.time_proj(t[None].expand(x.shape[0])).to(x.dtype))
+    emb = emb + unet.class_embedding(y)
+    h = unet.conv_in(x)
+    skips = [h]
+    down, up, k = unet.down_blocks, unet.up_blocks, len(unet.down_blocks)
+    slots = [(i, j) for i, blk in enumerate(down) for j in range(len(blk.resnets) + 1)]
+    for i, j in slots:
+        if (i, j) == slot:
+            break
+        blk = down[i]
+        if j < len(blk.resnets):
+            h = _layer(blk, j, h, emb)
+            skips.append(h)
+        elif blk.downsamplers:
+            h = blk.downsamplers[0](h)
+            skips.append(h)
+    if slot is None:
+        h, start = unet.mid_block(h, emb), (0, 0)
+    else:
+        b, lay = slot
+        start = (k - 1 - b, len(up[k - 1 - b].resnets) - 1 - lay)
+        h = stale[start]
+    inputs = {}
+    for u in range(start[0], k):
+        blk = up[u]
+        for j in range(start[1] if u == start[0] else 0, len(blk.resnets)):
+            inputs[(u, j)] = h
+            h = _layer(blk, j, torch.cat([h, skips.pop()], dim=1), emb)
+        if blk.upsamplers:
+            h = blk.upsamplers[0](h)
+    assert not skips  # every skip consumed once
+    return unet.conv_out(unet.conv_act(unet.conv_norm_out(h))), inputs
+
+
+def test_by_hand_is_the_unet(unet, inputs):
+    xs, ts, y = inputs
+    with torch.no_grad():
+        out, _ = _by_hand(unet, xs[0], ts[0], y)
+        torch.testing.assert_close(out, _plain(unet, xs[0], ts[0], y), rtol=0, atol=1e-6)
+
+
+def _slots(unet):
+    return [(i, j) for i, blk in enumerate(unet.down_blocks) for j in range(len(blk.resnets) + 1)]
+
+
+@pytest.mark.parametrize("slot", range(6))
+def test_deepcache_layer_branch_equals_by_hand(unet, inputs, slot):
+    """Every skip slot of the bundled UNet (3 blocks x (1 layer + downsampler)), given as
+    the paper's flat branch id: the cached calls equal the UNet run by hand with the up
+    path resumed from the stored input of the layer taking the slot's skip."""
+    xs, ts, y = inputs
+    pair = _slots(unet)[slot]
+    sched = CacheSchedule.from_steps([0], 3)
+    with torch.no_grad():
+        _, stale = _by_hand(unet, xs[0], ts[0], y)
+        manual = [
+            _by_hand(unet, x, t, y, stale, pair)[0] for x, t in zip(xs[1:], ts[1:], strict=True)
+        ]
+        with deep_cache(unet, sched, branch=slot) as run:
+            first = _plain(unet, xs[0], ts[0], y)
+            cached = [_plain(unet, x, t, y) for x, t in zip(xs[1:], ts[1:], strict=True)]
+        assert torch.equal(first, _plain(unet, xs[0], ts[0], y))
+        plain1 = _plain(unet, xs[1], ts[1], y)
+    assert (run.block, run.layer) == pair and run.branch == slot
+    for a, b in zip(cached, manual, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert (run.n_full, run.n_cached) == (1, 2)
+    # the cached call differs from the plain one (the cache is really used)
+    assert not torch.allclose(cached[0], plain1, atol=1e-3)
+
+
 @pytest.mark.parametrize("branch", [0, 1, 2])
-def test_deepcache_equals_manual(unet, inputs, branch):
+def test_deepcache_whole_block_equals_manual(unet, inputs, branch):
+    """The whole-block branch ``(b, n_b)`` against a second, block-level computation by
+    hand: the deep feature is the input of up block K-1-b, the skips those of D_0..D_b."""
     xs, ts, y = inputs
     k = len(unet.down_blocks)
     sched = CacheSchedule.from_steps([0], 3)
     with torch.no_grad():
-        # by hand: the deep feature (input of up block K-1-b) of the first call
         emb0, skips0, h0 = _encode(unet, xs[0], ts[0], y)
         h = unet.mid_block(h0, emb0)
         for block in unet.up_blocks[: k - 1 - branch]:
@@ -113,15 +196,13 @@ def test_deepcache_equals_manual(unet, inputs, branch):
         for x, t in zip(xs[1:], ts[1:], strict=True):
             emb, skips, _ = _encode(unet, x, t, y, upto=branch)
             manual.append(_decode(unet, h, skips, emb, first=k - 1 - branch))
-        with deep_cache(unet, sched, branch=branch) as run:
-            first = _plain(unet, xs[0], ts[0], y)
+        whole = (branch, len(unet.down_blocks[branch].resnets))
+        with deep_cache(unet, sched, branch=whole) as run:
+            _plain(unet, xs[0], ts[0], y)
             cached = [_plain(unet, x, t, y) for x, t in zip(xs[1:], ts[1:], strict=True)]
-        assert torch.equal(first, _plain(unet, xs[0], ts[0], y))
     for a, b in zip(cached, manual, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert (run.n_full, run.n_cached) == (1, 2)
-    # the cached call differs from the plain one (the cache is really used)
-    assert not torch.allclose(cached[0], _plain(unet, xs[1], ts[1], y), atol=1e-3)
 
 
 def test_encoder_propagation_equals_manual(unet, inputs):
@@ -158,8 +239,11 @@ def test_hooks_removed_and_errors(unet, inputs):
                 _plain(unet, xs[1][:2], ts[1], y[:2])
         assert not any("forward" in m.__dict__ for m in unet.modules())
         assert torch.equal(_plain(unet, xs[1], ts[1], y), ref)
-    with pytest.raises(ValueError, match="branch"):
-        DeepCache(unet, CacheSchedule.uniform(2, 1), branch=3)
+    for bad in (6, -1, (3, 0), (0, 2), (0.0, 1)):
+        with pytest.raises(ValueError, match="branch"):
+            DeepCache(unet, CacheSchedule.uniform(2, 1), branch=bad)
+    with pytest.raises(TypeError, match="branch"):
+        DeepCache(unet, CacheSchedule.uniform(2, 1), branch="0")
     with pytest.raises(TypeError, match="no diffusers"):
         find_unet(object())
 

@@ -15,15 +15,18 @@ reports ``s["nfe"]``); a solve that calls the network more often than the schedu
 raises an error instead of guessing.
 
 * **DeepCache** (Ma, Fang, Wang, "DeepCache: Accelerating Diffusion Models for Free",
-  CVPR 2024). The UNet is down blocks ``D_0 .. D_{K-1}``, a mid block ``M`` and up blocks
-  ``U_0 .. U_{K-1}`` (``U_0`` deepest; ``U_{K-1-i}`` takes the skips of ``D_i``). With skip
-  branch ``b`` a *full* evaluation runs everything and stores the outputs of the modules
-  deeper than ``b`` (``D_{b+1..}``, ``M``, ``U_{..K-2-b}``); a *cached* evaluation runs only
-  ``conv_in``, ``D_0 .. D_b`` and ``U_{K-1-b} .. U_{K-1}``, the deeper modules returning the
-  stored tensors, so ``U_{K-1-b}`` gets the high-level feature of the last full
-  evaluation and the current shallow skips. Branches here are whole blocks (the paper also
-  splits blocks by layer); the default ``branch=0`` is the paper's Stable Diffusion setting
-  (the shallowest branch), the uniform interval default 3 its README setting.
+  CVPR 2024). The UNet is ``conv_in``, down blocks ``D_0 .. D_{K-1}``, a mid block ``M``
+  and up blocks ``U_0 .. U_{K-1}`` (``U_0`` deepest; ``U_{K-1-i}`` takes the skips of
+  ``D_i``). Its skip branches are the paper's ``(block, layer)`` slots: each layer of
+  ``D_b`` and its downsampler. A *full* evaluation runs everything and stores the outputs
+  of the modules deeper than the branch; a *cached* evaluation runs only the shallower
+  layers on both paths, the deeper modules returning the stored tensors, so the first up
+  layer that runs gets the high-level feature of the last full evaluation and current
+  shallow skips (:class:`DeepCache` has the exact rule). The default branch 0 is the
+  paper's (its Stable Diffusion setting, ``cache_branch_id=0``): a cached call runs only
+  ``conv_in`` and the last layer of the last up block. ``branch=(b, n_b)`` (``n_b`` the
+  layers of ``D_b``) reuses whole blocks. The uniform interval default 3 is the paper's
+  README setting.
 * **Encoder propagation** (Li, Hu et al., "Faster Diffusion: Rethinking the Role of the
   Encoder for Diffusion Model Inference", NeurIPS 2024). At *key* evaluations the whole
   UNet runs and the encoder's outputs are stored (``conv_in``, every down block's residuals
@@ -348,25 +351,104 @@ class DeepCache(_CachedRun):
         unet: a ``UNet2DModel`` / ``UNet2DConditionModel`` (or a denoiser holding one).
         schedule: full vs cached network calls (:class:`CacheSchedule`; the paper's uniform
             schedule is ``CacheSchedule.uniform(nfe, 3)``).
-        branch: the skip branch ``b`` in ``0 .. K-1`` (``K`` down blocks): cached calls run
-            ``D_0 .. D_b`` and ``U_{K-1-b} .. U_{K-1}``. Default 0, the shallowest.
+        branch: the skip branch. An int is the paper's ``cache_branch_id``: the skip slots
+            ``(block, layer)`` counted in order, each down block ``D_i`` having one slot per
+            layer and one for its downsampler (Stable Diffusion's 2 layers + 1 give the
+            paper's ``(id // 3, id % 3)``). A pair ``(block, layer)`` names the slot
+            directly. Default 0, the paper's setting: the shallowest branch, where a cached
+            call runs only ``conv_in`` and the last layer of the last up block.
+
+    On a cached call, with ``(b, l) = (block, layer)``: ``conv_in``, ``D_0 .. D_{b-1}``
+    and the first ``l`` layers of ``D_b`` run; the rest of ``D_b``, the deeper down blocks
+    and the mid block return their stored outputs; of the up block ``U_{K-1-b}`` (which
+    takes ``D_b``'s skips) only the last ``l + 1`` layers run, the first of them on the
+    stored output of the layer before it, and the shallower up blocks run in full. So every
+    layer that runs sees current skips and only the features deeper than the branch are
+    reused. ``(b, n_b)`` with ``n_b`` the layers of ``D_b`` is the whole-block branch ``b``.
 
     Use as a context manager; ``n_full``, ``n_cached`` and ``calls`` count the calls.
     """
 
     method = "DeepCache"
 
-    def __init__(self, unet: nn.Module, schedule: CacheSchedule, branch: int = 0) -> None:
+    def __init__(
+        self, unet: nn.Module, schedule: CacheSchedule, branch: int | tuple[int, int] = 0
+    ) -> None:
         super().__init__(unet, schedule)
-        k = len(self.unet.down_blocks)
-        if isinstance(branch, bool) or not isinstance(branch, int) or not 0 <= branch < k:
-            raise ValueError(f"branch must be an int in 0..{k - 1} (the UNet has {k} down blocks)")
-        self.branch = branch
+        self.block, self.layer = _branch_slot(self.unet, branch)
+        down = list(self.unet.down_blocks)
+        self.branch = sum(len(b.resnets) + 1 for b in down[: self.block]) + self.layer
 
     def cached_modules(self) -> list[nn.Module]:
         down, mid, up = _blocks(self.unet)
-        k, b = len(down), self.branch
-        return down[b + 1 :] + ([mid] if mid is not None else []) + up[: k - 1 - b]
+        k, b, lay = len(down), self.block, self.layer
+        mods: list[nn.Module] = []
+        block = down[b]
+        if lay == 0:
+            mods.append(block)  # none of its layers runs: the whole block is reused
+        else:
+            mods.extend(_layers(block, range(lay, len(block.resnets))))
+            mods.extend(getattr(block, "downsamplers", None) or [])
+        mods.extend(down[b + 1 :])
+        if mid is not None:
+            mods.append(mid)
+        mods.extend(up[: k - 1 - b])
+        ub = up[k - 1 - b]
+        # up layer j of m has mirrored index m - 1 - j; those deeper than ``layer`` are reused
+        mods.extend(_layers(ub, range(len(ub.resnets) - 1 - lay)))
+        return mods
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", branch=({self.block}, {self.layer}))"
+
+
+def _layers(block: nn.Module, idx: Iterable[int]) -> list[nn.Module]:
+    """The resnets (and their attention, where the block has one per layer) at ``idx``."""
+    attn = list(getattr(block, "attentions", None) or [])
+    out: list[nn.Module] = []
+    for j in idx:
+        out.append(block.resnets[j])
+        if j < len(attn) and attn[j] is not None:
+            out.append(attn[j])
+    return out
+
+
+def _branch_slot(unet: nn.Module, branch: Any) -> tuple[int, int]:
+    """``(block, layer)`` of a DeepCache branch given as the paper's flat id or as a pair."""
+    down, _, up = _blocks(unet)
+    slots = [len(b.resnets) + 1 for b in down]
+    for i in range(len(down)):
+        if len(up[len(down) - 1 - i].resnets) < slots[i]:
+            raise ValueError(
+                f"up block {len(down) - 1 - i} has fewer layers than down block {i} has skips; "
+                "DeepCache needs the standard diffusers UNet layout"
+            )
+    listing = ", ".join(f"block {i}: layers 0..{n - 1}" for i, n in enumerate(slots))
+    if isinstance(branch, tuple) and len(branch) == 2:
+        blk, lay = branch
+        if (
+            any(isinstance(v, bool) or not isinstance(v, int) for v in branch)
+            or not 0 <= blk < len(down)
+            or not 0 <= lay < slots[blk]
+        ):
+            raise ValueError(
+                f"branch {branch!r} is not a (block, layer) slot of this UNet ({listing})"
+            )
+        return blk, lay
+    if isinstance(branch, bool) or not isinstance(branch, int):
+        raise TypeError(
+            f"branch must be an int (the paper's branch id) or a (block, layer) pair, got {branch!r}"
+        )
+    if not 0 <= branch < sum(slots):
+        raise ValueError(
+            f"branch must be an int in 0..{sum(slots) - 1} (this UNet's skip slots: {listing}), got {branch}"
+        )
+    rest = branch
+    for blk, n in enumerate(slots):
+        if rest < n:
+            return blk, rest
+        rest -= n
+    raise AssertionError("unreachable")
 
 
 class EncoderPropagation(_CachedRun):
@@ -382,7 +464,7 @@ class EncoderPropagation(_CachedRun):
         return [self.unet.conv_in] + down + ([mid] if mid is not None else [])
 
 
-def deep_cache(unet: Any, schedule: CacheSchedule, branch: int = 0) -> DeepCache:
+def deep_cache(unet: Any, schedule: CacheSchedule, branch: int | tuple[int, int] = 0) -> DeepCache:
     """``with deep_cache(unet, schedule, branch=0) as run:`` installs :class:`DeepCache`."""
     return DeepCache(unet, schedule, branch)
 

@@ -117,13 +117,18 @@ QUANT = {
     "w8a8-edadm": (8, "tdac", True, 2),
 }
 CACHE = {
-    # name: (kind, interval, prior-noise injection, rank)
+    # name: (kind, interval, prior-noise injection, rank); DeepCache at the paper's branch 0
+    # (cached calls run conv_in and the last up layer) unless CACHE_BRANCH names another
     "deepcache-2": ("deepcache", 2, False, 0),
     "deepcache-3": ("deepcache", 3, False, 0),
     "deepcache-nonuniform-3": ("nonuniform", 3, False, 1),
+    "deepcache-2-block0": ("deepcache", 2, False, 1),
     "encprop": ("encprop", 0, False, 0),
     "encprop-noise": ("encprop", 0, True, 1),
 }
+#: DeepCache branches other than the default 0: the whole first block (block-level branch 0,
+#: (block, layer) = (0, 1) on the bundled UNet), the shallowest branch of a block-level cache
+CACHE_BRANCH: dict[str, Any] = {"deepcache-2-block0": (0, 1)}
 
 
 def fewstep_names() -> tuple[str, ...]:
@@ -272,10 +277,11 @@ def _cache(method: Method, nfe: int) -> Iterator[Any]:
 
     kind, interval, _noise, _ = CACHE[method.name]
     unet = find_unet(_float_model())
+    branch = CACHE_BRANCH.get(method.name, 0)
     if kind == "deepcache":
-        ctx = deep_cache(unet, CacheSchedule.uniform(nfe, interval))
+        ctx = deep_cache(unet, CacheSchedule.uniform(nfe, interval), branch)
     elif kind == "nonuniform":
-        ctx = deep_cache(unet, CacheSchedule.nonuniform(nfe, interval))
+        ctx = deep_cache(unet, CacheSchedule.nonuniform(nfe, interval), branch)
     else:
         ctx = encoder_propagation(unet, nfe)
     with ctx as run:
