@@ -58,6 +58,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 __all__ = [
@@ -259,6 +260,7 @@ class _CachedRun:
         self.n_full = 0
         self.n_cached = 0
         self._full = True
+        self._t: Any = None
         self._shape: tuple[int, ...] | None = None
         self._store: dict[int, Any] = {}
         self._swapped = _Swapped()
@@ -309,6 +311,7 @@ class _CachedRun:
                     "last full call"
                 )
             self._full = full
+            self._t = args[0] if args else kwargs.get("timestep")
             self.calls += 1
             out = forward(sample, *args, **kwargs)
             if full:
@@ -366,18 +369,82 @@ class DeepCache(_CachedRun):
     layer that runs sees current skips and only the features deeper than the branch are
     reused. ``(b, n_b)`` with ``n_b`` the layers of ``D_b`` is the whole-block branch ``b``.
 
+    ``forecast`` (default 0, the paper's plain reuse) replaces the reused feature by a
+    polynomial forecast in the network's timestep: the Lagrange polynomial of degree
+    ``forecast`` through the feature at the last ``forecast + 1`` full calls, evaluated at
+    the cached call's timestep (fewer full calls so far give a lower degree). Degree 1 is
+    the linear extrapolation ``f_1 + (t - t_1) (f_1 - f_0) / (t_1 - t_0)``; on a grid
+    uniform in the timestep it is TaylorSeer's first-order forecast (Liu et al., "From
+    Reusing to Forecasting: Accelerating Diffusion Models with TaylorSeers", ICCV 2025),
+    here applied to DeepCache's one reused tensor, the input of the first up layer that
+    runs. It costs one weighted sum of ``forecast + 1`` stored tensors per cached call.
+
     Use as a context manager; ``n_full``, ``n_cached`` and ``calls`` count the calls.
     """
 
     method = "DeepCache"
 
     def __init__(
-        self, unet: nn.Module, schedule: CacheSchedule, branch: int | tuple[int, int] = 0
+        self,
+        unet: nn.Module,
+        schedule: CacheSchedule,
+        branch: int | tuple[int, int] = 0,
+        forecast: int = 0,
     ) -> None:
         super().__init__(unet, schedule)
         self.block, self.layer = _branch_slot(self.unet, branch)
         down = list(self.unet.down_blocks)
         self.branch = sum(len(b.resnets) + 1 for b in down[: self.block]) + self.layer
+        if isinstance(forecast, bool) or not isinstance(forecast, int) or not 0 <= forecast <= 3:
+            raise ValueError(
+                f"forecast must be an int in 0..3 (the degree of the feature forecast; 0 = "
+                f"reuse), got {forecast!r}"
+            )
+        self.forecast = forecast
+        self._front: int | None = None
+        self._hist: list[tuple[Tensor, Any]] = []
+
+    def frontier(self) -> nn.Module | None:
+        """The cached module whose output a cached call's running layers read (the input of
+        the first up layer that runs); ``None`` when the branch reuses nothing on the up path."""
+        down, mid, up = _blocks(self.unet)
+        k, b = len(down), self.block
+        ub = up[k - 1 - b]
+        j0 = len(ub.resnets) - 1 - self.layer
+        if j0 > 0:
+            return _layers(ub, [j0 - 1])[-1]
+        return up[k - 2 - b] if b < k - 1 else mid
+
+    def __enter__(self) -> DeepCache:
+        mods = self.cached_modules()
+        front = self.frontier()
+        self._front = next((i for i, m in enumerate(mods) if m is front), None)
+        self._hist = []
+        super().__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        self._hist = []
+
+    def _wrap_module(self, k: int, forward: Callable[..., Any]) -> Callable[..., Any]:
+        reuse = super()._wrap_module(k, forward)
+        if self.forecast == 0 or k != self._front:
+            return reuse
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            out = reuse(*args, **kwargs)
+            t = _time_vector(self._t)
+            if self._full:
+                if self._hist and torch.equal(self._hist[-1][0], t):
+                    self._hist.pop()  # the same timestep twice: keep the newer feature
+                self._hist = [*self._hist, (t, out)][-(self.forecast + 1) :]
+                return out
+            if len(self._hist) < 2:
+                return out
+            return _lagrange(self._hist, t)
+
+        return run
 
     def cached_modules(self) -> list[nn.Module]:
         down, mid, up = _blocks(self.unet)
@@ -400,6 +467,46 @@ class DeepCache(_CachedRun):
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", branch=({self.block}, {self.layer}))"
+
+
+def _time_vector(t: Any) -> Tensor:
+    """The timestep as a float64 vector (one entry when all samples share it)."""
+    if t is None:
+        raise ValueError("DeepCache's forecast needs the UNet's timestep argument")
+    v = torch.as_tensor(t).detach().to(torch.float64).reshape(-1)
+    return v[:1] if v.numel() > 1 and bool((v == v[0]).all()) else v
+
+
+def _lagrange(hist: list[tuple[Tensor, Any]], t: Tensor) -> Any:
+    """The Lagrange polynomial through ``hist`` = [(t_i, f_i)] evaluated at ``t``; the
+    ``f_i`` are tensors or tuples / lists of tensors of one structure."""
+    weights = []
+    for i, (ti, _) in enumerate(hist):
+        w = torch.ones_like(t)
+        for j, (tj, _) in enumerate(hist):
+            if j != i:
+                w = w * (t - tj) / (ti - tj)
+        weights.append(w)
+    if not all(bool(torch.isfinite(w).all()) for w in weights):
+        raise ValueError("DeepCache forecast: two full calls at the same timestep")
+
+    def combine(*fs: Any) -> Any:
+        if isinstance(fs[0], Tensor):
+            acc = None
+            for w, f in zip(weights, fs, strict=True):
+                if w.numel() not in (1, f.shape[0]):
+                    raise ValueError(
+                        f"DeepCache forecast: {w.numel()} timesteps for a feature batch of "
+                        f"{f.shape[0]}"
+                    )
+                w = w.to(f.dtype).reshape(-1, *([1] * (f.dim() - 1)))
+                acc = w * f if acc is None else acc + w * f
+            return acc
+        if isinstance(fs[0], (tuple, list)):
+            return type(fs[0])(combine(*parts) for parts in zip(*fs, strict=True))
+        raise TypeError(f"DeepCache forecast: cannot extrapolate a {type(fs[0]).__name__} feature")
+
+    return combine(*(f for _, f in hist))
 
 
 def _layers(block: nn.Module, idx: Iterable[int]) -> list[nn.Module]:
@@ -464,9 +571,12 @@ class EncoderPropagation(_CachedRun):
         return [self.unet.conv_in] + down + ([mid] if mid is not None else [])
 
 
-def deep_cache(unet: Any, schedule: CacheSchedule, branch: int | tuple[int, int] = 0) -> DeepCache:
-    """``with deep_cache(unet, schedule, branch=0) as run:`` installs :class:`DeepCache`."""
-    return DeepCache(unet, schedule, branch)
+def deep_cache(
+    unet: Any, schedule: CacheSchedule, branch: int | tuple[int, int] = 0, forecast: int = 0
+) -> DeepCache:
+    """``with deep_cache(unet, schedule, branch=0, forecast=0) as run:`` installs
+    :class:`DeepCache`."""
+    return DeepCache(unet, schedule, branch, forecast)
 
 
 def encoder_propagation(unet: Any, schedule: CacheSchedule | int) -> EncoderPropagation:

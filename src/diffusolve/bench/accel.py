@@ -283,7 +283,9 @@ def _speed(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per method record, in record order: the method's figures joined with the
+    """One row per method record, grouped by family (float, quant, cache, few-step; a
+    resumed run's new rows join their family), in record order within a family: the
+    method's figures joined with the
     FD floor, the baseline's FD, and the timing job's speed-up (``t_baseline / t_method``,
     both from that one job) and memory. Missing methods keep their message."""
     floor = next((r for r in records if r.get("phase") == "floor"), None)
@@ -308,6 +310,8 @@ def rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ok = r.get("status") == "ok"
         row["fd_ratio"] = r["fd"] / base_fd if ok and finite(base_fd) and base_fd > 0 else None
         out.append(row)
+    families = ("float", "quant", "cache", "fewstep")
+    out.sort(key=lambda r: families.index(r["family"]) if r.get("family") in families else 4)
     _notes(out)
     return out
 

@@ -123,12 +123,26 @@ CACHE = {
     "deepcache-3": ("deepcache", 3, False, 0),
     "deepcache-nonuniform-3": ("nonuniform", 3, False, 1),
     "deepcache-2-block0": ("deepcache", 2, False, 1),
+    "deepcache-forecast-2": ("deepcache", 2, False, 1),
+    "deepcache-forecast-3": ("deepcache", 3, False, 1),
     "encprop": ("encprop", 0, False, 0),
     "encprop-noise": ("encprop", 0, True, 1),
 }
-#: DeepCache branches other than the default 0: the whole first block (block-level branch 0,
-#: (block, layer) = (0, 1) on the bundled UNet), the shallowest branch of a block-level cache
-CACHE_BRANCH: dict[str, Any] = {"deepcache-2-block0": (0, 1)}
+#: DeepCache options other than the defaults (branch 0, plain reuse): the whole first block
+#: (block-level branch 0, (block, layer) = (0, 1) on the bundled UNet), the shallowest
+#: branch of a block-level cache; the linear feature forecast (``forecast=1``), chosen over
+#: reuse and over the quadratic forecast on separate starts (see docs/api/accel.md)
+CACHE_OPTIONS: dict[str, dict[str, Any]] = {
+    "deepcache-2-block0": {"branch": (0, 1)},
+    "deepcache-forecast-2": {"forecast": 1},
+    "deepcache-forecast-3": {"forecast": 1},
+}
+
+
+def _cache_option(name: str) -> str:
+    kind, interval = CACHE[name][:2]
+    extra = "".join(f":{k}={v}" for k, v in CACHE_OPTIONS.get(name, {}).items())
+    return f"{kind}:{interval}{extra}"
 
 
 def fewstep_names() -> tuple[str, ...]:
@@ -156,9 +170,9 @@ def methods(teacher_solver: str | None, real_int8: bool = False) -> list[Method]
     out.append(Method("int8-dynamic", f"{SOLVER}/{STEPS}", "quant", SOLVER, STEPS, "int8", 0))
     if real_int8:
         out.append(Method(REAL_INT8, f"{SOLVER}/{STEPS}", "quant", SOLVER, STEPS, "int8:tdac", 1))
-    for name, (kind, interval, _noise, rank) in CACHE.items():
+    for name, (*_, rank) in CACHE.items():
         out.append(
-            Method(name, f"{SOLVER}/{STEPS}", "cache", SOLVER, STEPS, f"{kind}:{interval}", rank)
+            Method(name, f"{SOLVER}/{STEPS}", "cache", SOLVER, STEPS, _cache_option(name), rank)
         )
     for model in fewstep_names():
         for nfe in FEWSTEP_NFES:
@@ -277,11 +291,11 @@ def _cache(method: Method, nfe: int) -> Iterator[Any]:
 
     kind, interval, _noise, _ = CACHE[method.name]
     unet = find_unet(_float_model())
-    branch = CACHE_BRANCH.get(method.name, 0)
+    opts = CACHE_OPTIONS.get(method.name, {})
     if kind == "deepcache":
-        ctx = deep_cache(unet, CacheSchedule.uniform(nfe, interval), branch)
+        ctx = deep_cache(unet, CacheSchedule.uniform(nfe, interval), **opts)
     elif kind == "nonuniform":
-        ctx = deep_cache(unet, CacheSchedule.nonuniform(nfe, interval), branch)
+        ctx = deep_cache(unet, CacheSchedule.nonuniform(nfe, interval), **opts)
     else:
         ctx = encoder_propagation(unet, nfe)
     with ctx as run:
