@@ -348,9 +348,11 @@ def test_dps_does_not_ignore_y_at_few_steps(single_thread):
         assert fit < 0.35 * prior_fit, (steps, float(fit), float(prior_fit))
 
 
-def test_tds_is_exact_for_a_correlated_gaussian_prior(single_thread):
+@pytest.mark.parametrize("kernel", ["ddpm", "2m"])
+def test_tds_is_exact_for_a_correlated_gaussian_prior(single_thread, kernel):
     """With the Jacobian covariance the twisting potential is exact for any Gaussian prior
-    (here a correlated, non-unit one), so the twisted sampler matches the exact posterior."""
+    (here a correlated, non-unit one), so the twisted sampler matches the exact posterior,
+    with the first-order and the second-order multistep backward kernel."""
     cov = torch.tensor(
         [[2.0, 0.6, 0.0, 0.3], [0.6, 1.0, 0.2, 0.0], [0.0, 0.2, 0.5, 0.1], [0.3, 0.0, 0.1, 1.5]],
         dtype=F64,
@@ -360,7 +362,7 @@ def test_tds_is_exact_for_a_correlated_gaussian_prior(single_thread):
     g = torch.Generator().manual_seed(3)
     y = op(prior.sample(1, g)) + 0.2 * torch.randn(1, 2, generator=g, dtype=F64)
     n = 1500
-    x = get_sampler("tds", particles=8).run(
+    x = get_sampler("tds", particles=8, kernel=kernel).run(
         prior, op, y.expand(n, 2), 0.2, steps=100, noise=4, dtype=F64
     )
     _check_moments(x, prior.posterior(op, y[0], 0.2))
