@@ -187,6 +187,23 @@ def test_daps_refuses_a_noiseless_likelihood_without_tau():
     assert torch.isfinite(x).all()
 
 
+def test_daps_names_an_unstable_langevin_step():
+    """Past the explicit likelihood step's stability limit ``lr < 2 tau^2 / ||A||^2`` the
+    run would overflow; DAPS says so, with the limit, before any network call. Just
+    below the limit it runs and stays finite."""
+    prior, op, y = small_problem("cs", 2)
+    tau = 0.05
+    limit = 2 * tau**2 / op.norm() ** 2
+    with pytest.raises(ValueError, match=r"unstable.*use lr < "):
+        DAPS(ode_steps=1, langevin_steps=50, lr=3 * limit).run(
+            prior, op, y, tau, steps=3, noise=0, dtype=F64
+        )
+    x = DAPS(ode_steps=1, langevin_steps=50, lr=0.9 * limit).run(
+        prior, op, y, tau, steps=3, noise=0, dtype=F64
+    )
+    assert torch.isfinite(x).all()
+
+
 # ---------------------------------------------------------------- RePaint
 def test_repaint_keeps_the_known_pixels():
     prior = Gaussian(MEAN3, COV3, process=ddpm())

@@ -130,6 +130,23 @@ class DAPS(PosteriorSampler):
                     "pass tau= (the paper's code uses tau=0.01)"
                 )
             tau = p.sigma_y
+        if p.operator.linear:
+            # the likelihood's gradient step is explicit: along the top singular direction it
+            # multiplies a deviation by |1 - lr ||A||^2 / tau^2| per Langevin step (the first
+            # level has the largest step); where that compounds past 1e6 over a level's steps
+            # the run would end in overflow, so say why instead
+            norm2 = p.operator.norm() ** 2
+            worst = self.lr * norm2 / float(tau.min()) ** 2
+            if worst >= 2.0 and self.langevin_steps * math.log(worst - 1.0) > math.log(1e6):
+                limit = 2.0 * float(tau.min()) ** 2 / norm2
+                raise ValueError(
+                    f"daps: the Langevin step is unstable for this problem: lr * ||A||^2 / "
+                    f"tau^2 = {worst:.3g} (||A|| = {math.sqrt(norm2):.3g}, smallest tau = "
+                    f"{float(tau.min()):.3g}) must stay below 2, or the "
+                    f"{self.langevin_steps} Langevin steps grow a deviation by "
+                    f"{worst - 1.0:.3g}^{self.langevin_steps}: use lr < {limit:.3g} or a "
+                    "larger tau="
+                )
         return tau
 
     def x0_hat(self, p: Problem, x: Tensor, i: int) -> Tensor:
