@@ -203,6 +203,7 @@ def test_deepcache_whole_block_equals_manual(unet, inputs, branch):
     for a, b in zip(cached, manual, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert (run.n_full, run.n_cached) == (1, 2)
+    assert (run.block, run.layer, run.branch) == (*whole, _slots(unet).index(whole))
 
 
 def test_encoder_propagation_equals_manual(unet, inputs):

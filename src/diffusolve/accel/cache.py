@@ -392,9 +392,7 @@ class DeepCache(_CachedRun):
         forecast: int = 0,
     ) -> None:
         super().__init__(unet, schedule)
-        self.block, self.layer = _branch_slot(self.unet, branch)
-        down = list(self.unet.down_blocks)
-        self.branch = sum(len(b.resnets) + 1 for b in down[: self.block]) + self.layer
+        self.block, self.layer, self.branch = _branch_slot(self.unet, branch)
         if isinstance(forecast, bool) or not isinstance(forecast, int) or not 0 <= forecast <= 3:
             raise ValueError(
                 f"forecast must be an int in 0..3 (the degree of the feature forecast; 0 = "
@@ -520,8 +518,9 @@ def _layers(block: nn.Module, idx: Iterable[int]) -> list[nn.Module]:
     return out
 
 
-def _branch_slot(unet: nn.Module, branch: Any) -> tuple[int, int]:
-    """``(block, layer)`` of a DeepCache branch given as the paper's flat id or as a pair."""
+def _branch_slot(unet: nn.Module, branch: Any) -> tuple[int, int, int]:
+    """``(block, layer, flat id)`` of a DeepCache branch given as the paper's flat id or as
+    a ``(block, layer)`` pair."""
     down, _, up = _blocks(unet)
     slots = [len(b.resnets) + 1 for b in down]
     for i in range(len(down)):
@@ -541,7 +540,7 @@ def _branch_slot(unet: nn.Module, branch: Any) -> tuple[int, int]:
             raise ValueError(
                 f"branch {branch!r} is not a (block, layer) slot of this UNet ({listing})"
             )
-        return blk, lay
+        return blk, lay, sum(slots[:blk]) + lay
     if isinstance(branch, bool) or not isinstance(branch, int):
         raise TypeError(
             f"branch must be an int (the paper's branch id) or a (block, layer) pair, got {branch!r}"
@@ -553,7 +552,7 @@ def _branch_slot(unet: nn.Module, branch: Any) -> tuple[int, int]:
     rest = branch
     for blk, n in enumerate(slots):
         if rest < n:
-            return blk, rest
+            return blk, rest, branch
         rest -= n
     raise AssertionError("unreachable")
 
