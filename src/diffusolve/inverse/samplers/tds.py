@@ -234,7 +234,9 @@ class TDS(PosteriorSampler):
             c * c
         )
         logw = logw + log_ratio
-        return x_next[:, 0], (x_next, logw, log_pot, pp, x0)
+        # only the multistep kernel needs this step's estimate (carried through resampling)
+        keep = x0 if self.kernel == "2m" else None
+        return x_next[:, 0], (x_next, logw, log_pot, pp, keep)
 
     def finish(self, p: Problem, x: Tensor, state: Any) -> Tensor:
         xp, logw, *_ = state
