@@ -118,7 +118,7 @@ QUANT = {
 }
 CACHE = {
     # name: (kind, interval, prior-noise injection, rank); DeepCache at the paper's branch 0
-    # (cached calls run conv_in and the last up layer) unless CACHE_BRANCH names another
+    # (cached calls run conv_in and the last up layer) unless CACHE_OPTIONS says otherwise
     "deepcache-2": ("deepcache", 2, False, 0),
     "deepcache-3": ("deepcache", 3, False, 0),
     "deepcache-nonuniform-3": ("nonuniform", 3, False, 1),
