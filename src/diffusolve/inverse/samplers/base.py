@@ -260,7 +260,8 @@ class PosteriorSampler:
         eps = problem.noise(shape, dtype=dtype, device=device)
         a, s = problem.alpha[0], problem.sigma[0]
         # x_t0 = alpha x0 + sigma eps with x0 unknown: the process prior at t_0 for data of
-        # unit variance (alpha is negligible there for VP, VE, EDM and rectified flow)
+        # unit variance near the origin (alpha |x0| is small there for VP, VE, EDM and
+        # rectified flow on such data; TDS importance-weights its start where it is not)
         return math.sqrt(a * a + s * s) * eps
 
     # ---------------------------------------------------------------- the loop

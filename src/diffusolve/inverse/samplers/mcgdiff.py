@@ -26,6 +26,13 @@ particle drawn by the final weights: the result is asymptotically exact for the 
 backward chain as ``particles`` grows, and a batch never changes a row's result (with
 per-sample seeds). One network evaluation per step on ``batch * particles`` rows.
 
+Two options beyond the paper (shared with :class:`~.tds.TDS`): ``terminal="weighted"``
+importance-weights the ``N(0, v I)`` start towards the model's marginal at ``t_0``
+(:func:`~.parts.terminal_log_weight`; it matters for data far from the origin in many
+dimensions), and ``pool=True`` makes the rows sharing a measurement one filter of
+``rows * particles`` particles whose final cloud they share, as the authors' experiment
+code returns its particle cloud (rows are then dependent and depend on the batch).
+
 Needs an SVD of ``A`` and one ``sigma_y`` for the batch.
 """
 
@@ -40,7 +47,14 @@ from torch import Tensor
 
 from ...process import make_grid
 from .base import PosteriorSampler, Problem, register
-from .parts import r2_isotropic, spectral
+from .parts import (
+    measurement_groups,
+    pick_one,
+    r2_isotropic,
+    spectral,
+    systematic_resample,
+    terminal_log_weight,
+)
 
 __all__ = ["MCGdiff"]
 
@@ -49,10 +63,6 @@ _LOG2PI = math.log(2 * math.pi)
 
 def _log_normal(x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
     return -0.5 * ((x - mean) ** 2 / var + torch.log(var) + _LOG2PI)
-
-
-def _normal_cdf(z: Tensor) -> Tensor:
-    return 0.5 * (1 + torch.erf(z / math.sqrt(2.0)))
 
 
 @register
@@ -68,6 +78,10 @@ class MCGdiff(PosteriorSampler):
             (default 1.0: every step, as in the paper).
         data_var: the variance of ``x0`` given the last state, used by the last step for
             measurement levels below the grid (default 1.0).
+        terminal: ``"noise"`` (the paper's ``N(0, v I)`` start) or ``"weighted"`` (that start
+            importance-weighted towards the model's marginal at ``t_0``) (default "noise").
+        pool: rows sharing a measurement run one filter and share its particles (default
+            False: one filter per row).
 
     Example:
         >>> import torch
@@ -86,6 +100,8 @@ class MCGdiff(PosteriorSampler):
     eta: float = 1.0
     ess: float = 1.0
     data_var: float = 1.0
+    terminal: str = "noise"
+    pool: bool = False
 
     name: ClassVar[str] = "mcgdiff"
     needs: ClassVar[tuple[str, ...]] = ("svd",)
@@ -93,12 +109,22 @@ class MCGdiff(PosteriorSampler):
         "Cardoso, Janati, Le Corff, Moulines. Monte Carlo Guided Denoising Diffusion Models "
         "for Bayesian Linear Inverse Problems. ICLR 2024."
     )
-    SEARCH: ClassVar[dict[str, tuple[Any, ...]]] = {"eta": (0.5, 0.85, 1.0)}
+    SEARCH: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "eta": (0.5, 0.85, 1.0),
+        "terminal": ("noise", "weighted"),
+        "pool": (False, True),
+    }
 
     def __post_init__(self) -> None:
         self._count(particles=self.particles)
         self._unit(eta=self.eta, ess=self.ess)
         self._positive(data_var=self.data_var)
+        if self.terminal not in ("weighted", "noise"):
+            raise ValueError(
+                f"mcgdiff: terminal must be 'weighted' or 'noise'; got {self.terminal!r}"
+            )
+        if not isinstance(self.pool, bool):
+            raise ValueError(f"mcgdiff: pool must be True or False; got {self.pool!r}")
 
     # ---------------------------------------------------------------- the grid
     def times(self, process: Any, steps: int, operator: Any, sigma_y: Tensor) -> Tensor:
@@ -154,35 +180,28 @@ class MCGdiff(PosteriorSampler):
         active = nbar < st0
         var = torch.where(active, st0 * st0 - nbar * nbar, torch.ones_like(nbar))
         logw = torch.where(active, _log_normal(c[..., :r], ybar, var), 0.0).sum(-1)
-        return c, logw, ybar, nbar
-
-    def _resample(self, p: Problem, c: Tensor, logw: Tensor) -> tuple[Tensor, Tensor]:
-        w = torch.softmax(logw, dim=1)
-        ess = 1.0 / (w * w).sum(1)
-        need = ess < self.ess * self.particles - 1e-9
-        if self.ess >= 1.0:
-            need = torch.ones_like(need)
-        if not bool(need.any()):
-            return c, logw
-        u = _normal_cdf(p.noise((p.batch, 1), dtype=w.dtype, device=w.device))
-        pos = (u + torch.arange(self.particles, dtype=w.dtype, device=w.device)) / self.particles
-        cdf = torch.cumsum(w, 1)
-        cdf[:, -1] = 1.0
-        idx = torch.searchsorted(cdf, pos.contiguous()).clamp(max=self.particles - 1)
-        picked = torch.gather(c, 1, idx[..., None].expand(-1, -1, c.shape[-1]))
-        c = torch.where(need[:, None, None], picked, c)
-        logw = torch.where(need[:, None], torch.zeros_like(logw), logw)
-        return c, logw
+        groups = measurement_groups(p.y, p.sigma_y) if self.pool else None
+        return c, logw, ybar, nbar, groups
 
     def step(self, p: Problem, x: Tensor, i: int, state: Any) -> tuple[Tensor, Any]:
-        c, logw, ybar, nbar = state
-        c, logw = self._resample(p, c, logw)
+        c, logw, ybar, nbar, groups = state
         svd = p.operator.svd()
         b, m, n = c.shape
         r = svd.rank
-        flat = c.reshape(b * m, n)
-        img = p.alpha[i] * svd.V(flat)
-        c0 = svd.Vt(p.denoise(img, i)).reshape(b, m, n)
+        img = p.alpha[i] * svd.V(c.reshape(b * m, n))
+        if i == 0 and self.terminal == "weighted":
+            # x0_hat(0) rides along in the first call (one more row per sample)
+            both = p.denoise(torch.cat([img, torch.zeros_like(img[:b])]), i)
+            den, d0 = both[: b * m], both[b * m :]
+            shp = (b, m, *img.shape[1:])
+            logw = logw + terminal_log_weight(p, img.reshape(shp), den.reshape(shp), d0).to(
+                logw.dtype
+            )
+        else:
+            den = p.denoise(img, i)
+        c0 = svd.Vt(den).reshape(b, m, n)
+        # the network is row-wise, so resampling after the call equals resampling before it
+        logw, c, c0 = systematic_resample(p, logw, c, c0, ess=self.ess, groups=groups)
         st, sn = p.st(i), p.st(i + 1)
         # the backward kernel N(mean, v) on the rescaled state (DDIM with eta)
         if sn == 0.0:
@@ -230,14 +249,8 @@ class MCGdiff(PosteriorSampler):
         logw = logw + inc.sum(-1)
         c_next = torch.cat([obs, nxt[..., r:]], -1)
         x_next = p.alpha[i + 1] * svd.V(c_next[:, 0])
-        return x_next, (c_next, logw, ybar, nbar)
+        return x_next, (c_next, logw, ybar, nbar, groups)
 
     def finish(self, p: Problem, x: Tensor, state: Any) -> Tensor:
-        c, logw, _, _ = state
-        w = torch.softmax(logw, dim=1)
-        u = _normal_cdf(p.noise((p.batch, 1), dtype=w.dtype, device=w.device))
-        cdf = torch.cumsum(w, 1)
-        cdf[:, -1] = 1.0
-        idx = torch.searchsorted(cdf, u.contiguous()).clamp(max=self.particles - 1)
-        picked = torch.gather(c, 1, idx[..., None].expand(-1, -1, c.shape[-1]))[:, 0]
-        return p.operator.svd().V(picked)
+        c, logw, _, _, groups = state
+        return p.operator.svd().V(pick_one(p, logw, c, groups))

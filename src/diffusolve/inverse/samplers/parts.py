@@ -30,6 +30,8 @@ __all__ = [
     "r2_isotropic",
     "systematic_resample",
     "pick_one",
+    "measurement_groups",
+    "terminal_log_weight",
     "normal_cdf",
 ]
 
@@ -167,13 +169,67 @@ def normal_cdf(z: Tensor) -> Tensor:
     return 0.5 * (1 + torch.erf(z / math.sqrt(2.0)))
 
 
+def terminal_log_weight(p: Problem, x: Tensor, x0: Tensor, d0: Tensor) -> Tensor:
+    """``log p_t0(x) - log N(x; 0, (alpha^2 + sigma^2) I)`` at the grid's first time, up to a
+    constant per row: ``[B, N]`` for particles ``x`` ``[B, N, ...]`` with their estimates
+    ``x0 = x0_hat(x)`` and ``d0 = x0_hat(0)`` ``[B, ...]``.
+
+    The importance weight that turns the usual ``N(0, v I)`` start into the model's marginal
+    at ``t_0``: ``grad log p_t(x) = (alpha x0_hat(x) - x) / sigma^2``, so the log ratio is
+    that score's line integral from ``0`` (plus the Gaussian's), here by the trapezoid
+    rule through ``x0_hat(0)`` and ``x0_hat(x)``: exact when the score is linear in ``x``,
+    that is for every Gaussian prior."""
+    a, s = p.alpha[0], p.sigma[0]
+    v = a * a + s * s
+    dims = tuple(range(2, x.ndim))
+    mid = 0.5 * (x0 + d0[:, None])
+    lin = (a / (s * s)) * (mid * x).sum(dims)
+    quad = (x * x).sum(dims) * (0.5 / v - 0.5 / (s * s))
+    return lin + quad
+
+
+def measurement_groups(y: Tensor, sigma_y: Tensor) -> list[Tensor]:
+    """The rows of a batch grouped by equal measurement and noise level: a list of ``[k]``
+    row-index tensors (each in increasing order; groups ordered by their first row)."""
+    key = torch.cat([_real_rows(y), sigma_y.reshape(-1, 1).to(_real_rows(y).dtype)], 1)
+    _, inverse = torch.unique(key, dim=0, return_inverse=True)
+    groups: dict[int, list[int]] = {}
+    for row, g in enumerate(inverse.tolist()):
+        groups.setdefault(g, []).append(row)
+    return [torch.tensor(r, device=y.device) for r in groups.values()]
+
+
+def _real_rows(y: Tensor) -> Tensor:
+    v = torch.view_as_real(y) if y.is_complex() else y
+    return v.reshape(v.shape[0], -1)
+
+
+def _systematic(w: Tensor, u: Tensor, m: int) -> Tensor:
+    """``m`` systematic draws (indices) from the normalised weights ``w`` ``[N]`` with the
+    uniform ``u``."""
+    pos = (u + torch.arange(m, dtype=w.dtype, device=w.device)) / m
+    cdf = torch.cumsum(w, 0)
+    cdf[-1] = 1.0
+    return torch.searchsorted(cdf, pos.contiguous()).clamp(max=w.numel() - 1)
+
+
 def systematic_resample(
-    p: Problem, logw: Tensor, *tensors: Tensor, ess: float = 1.0
+    p: Problem,
+    logw: Tensor,
+    *tensors: Tensor,
+    ess: float = 1.0,
+    groups: list[Tensor] | None = None,
 ) -> tuple[Tensor, ...]:
     """Systematic resampling of ``[B, N, ...]`` particle tensors by ``[B, N]`` log weights,
     for the rows whose effective sample size is below ``ess * N`` (all rows when
     ``ess >= 1``); resampled rows get equal weights. One uniform per row from the problem's
-    noise source, so a row's result does not depend on its batch."""
+    noise source, so a row's result does not depend on its batch.
+
+    With ``groups`` (row-index tensors, see :func:`measurement_groups`) the rows of a group
+    are one population of ``k * N`` particles, resampled together (its ESS against
+    ``ess * k * N``; the uniform of its first row)."""
+    if groups is not None:
+        return _pooled_resample(p, logw, tensors, ess, groups)
     n = logw.shape[1]
     w = torch.softmax(logw, dim=1)
     need = (1.0 / (w * w).sum(1)) < ess * n - 1e-9
@@ -196,9 +252,48 @@ def systematic_resample(
     return (logw, *out)
 
 
-def pick_one(p: Problem, logw: Tensor, particles: Tensor) -> Tensor:
-    """One particle per row ``[B, ...]`` drawn by the weights (one uniform per row)."""
+def _pooled_resample(
+    p: Problem, logw: Tensor, tensors: tuple[Tensor, ...], ess: float, groups: list[Tensor]
+) -> tuple[Tensor, ...]:
     n = logw.shape[1]
+    weights, todo = [], []
+    for rows in groups:
+        w = torch.softmax(logw[rows].reshape(-1), 0)
+        if ess >= 1.0 or float(1.0 / (w * w).sum()) < ess * w.numel() - 1e-9:
+            weights.append(w)
+            todo.append(rows)
+    if not todo:
+        return (logw, *tensors)
+    u = normal_cdf(p.noise((logw.shape[0], 1), dtype=logw.dtype, device=logw.device))[:, 0]
+    logw = logw.clone()
+    out = [t.clone() for t in tensors]
+    for rows, w in zip(todo, weights, strict=True):
+        idx = _systematic(w, u[rows[0]], w.numel())
+        for t, o in zip(tensors, out, strict=True):
+            block = t[rows]
+            o[rows] = block.reshape(rows.numel() * n, *t.shape[2:])[idx].reshape(block.shape)
+        logw[rows] = 0.0
+    return (logw, *out)
+
+
+def pick_one(
+    p: Problem, logw: Tensor, particles: Tensor, groups: list[Tensor] | None = None
+) -> Tensor:
+    """One particle per row ``[B, ...]`` drawn by the weights (one uniform per row).
+
+    With ``groups`` the ``k`` rows of a group get ``k`` systematic draws from the group's
+    ``k * N`` particles, handed to its rows in an order drawn from the noise source."""
+    n = logw.shape[1]
+    if groups is not None:
+        u = normal_cdf(p.noise((logw.shape[0], 1), dtype=logw.dtype, device=logw.device))
+        keys = p.noise((logw.shape[0], 1), dtype=logw.dtype, device=logw.device)[:, 0]
+        out = particles[:, 0].clone()
+        for rows in groups:
+            k = rows.numel()
+            w = torch.softmax(logw[rows].reshape(-1), 0)
+            idx = _systematic(w, u[rows[0], 0], k)[torch.argsort(keys[rows])]
+            out[rows] = particles[rows].reshape(k * n, *particles.shape[2:])[idx]
+        return out
     w = torch.softmax(logw, dim=1)
     u = normal_cdf(p.noise((logw.shape[0], 1), dtype=w.dtype, device=w.device))
     cdf = torch.cumsum(w, 1)

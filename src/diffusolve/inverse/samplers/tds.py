@@ -22,12 +22,30 @@ With ``kernel="2m"`` the backward chain's mean uses the second-order multistep e
 form), the same Gaussian family, so the weights keep their form; each particle carries its
 previous estimate through resampling. The proposal shifts ``D`` by the same guidance term
 ``x0_y - x0_hat``.
-Particles are resampled (systematic) when the effective sample size falls below
-``ess * particles``. Each output row runs its own filter and returns one particle drawn by
-the final weights: asymptotically exact for the model's backward chain as ``particles``
-grows; with a Gaussian prior of variance ``data_var`` the potentials are exact and so are
-the samples. One network evaluation (with a vector-Jacobian product) per step on
-``batch * particles`` rows.
+
+**The start.** The particles start from ``N(0, (alpha^2 + sigma^2) I)`` at ``t_0``, the usual
+stand-in for the model's marginal ``p_t0``. That stand-in is poor when ``alpha_t0 |x0|`` is
+not small (data far from the origin in many dimensions: ``alpha = 0.0064`` at the end of
+DDPM's linear schedule, ``|x0| ~ 100`` gives a shift of 0.6 standard deviations), and the
+chain then draws the modes of a multimodal prior with the wrong weights. With
+``terminal="weighted"`` (the default) the first weights also carry the importance ratio
+``p_t0(x) / N(x; 0, v I)``: since ``grad log p_t0(x) = (alpha x0_hat(x) - x) / sigma^2``, the
+ratio is the line integral of that score from ``0``, taken by the trapezoid rule through
+``x0_hat(0)`` and the particle's own ``x0_hat(x)``. The trapezoid is exact when the score is
+linear, so the weight is exact for every Gaussian prior; ``x0_hat(0)`` is one more row in the
+first network call (no extra call). ``terminal="noise"`` keeps the plain start.
+
+**Particles.** Particles are resampled (systematic) when the effective sample size falls
+below ``ess * particles``. By default each output row runs its own filter and returns one
+particle drawn by the final weights, so a row's result does not depend on its batch. With
+``pool=True`` the rows that share a measurement (equal ``y`` and ``sigma_y``) run one
+filter of ``rows * particles`` particles, and its rows get systematic draws from the final
+cloud (as the MCGdiff authors' code returns its particle cloud): the same network cost, a
+much smaller finite-particle bias, but the rows of a group are no longer independent and
+depend on the batch. Either way the sampler is asymptotically exact for the model's
+backward chain as the particles grow; with a Gaussian prior of variance ``data_var`` the
+potentials are exact and so are the samples. One network evaluation (with a
+vector-Jacobian product) per step on ``batch * particles`` rows.
 
 Needs a linear operator (the solve uses the SVD when there is one, else conjugate
 gradients).
@@ -45,10 +63,12 @@ from torch import Tensor
 from .base import PosteriorSampler, Problem, register
 from .parts import (
     ddim_coefficients,
+    measurement_groups,
     measurement_solve,
     pick_one,
     r2_isotropic,
     systematic_resample,
+    terminal_log_weight,
     tweedie_shift,
     vjp,
 )
@@ -91,7 +111,12 @@ class TDS(PosteriorSampler):
             exact for up to 4 measurements, a few Krylov directions beyond).
         kernel: the backward chain: ``"ddpm"`` (DDIM with ``eta``; first order) or ``"2m"``
             (its mean from the second-order multistep estimate; SDE-DPM-Solver++(2M) at
-            ``eta = 1``) (default "ddpm").
+            ``eta = 1``) (default "2m").
+        terminal: ``"weighted"`` (the start is importance-weighted towards the model's
+            marginal at ``t_0``; see the module docstring) or ``"noise"`` (the plain
+            ``N(0, v I)`` start) (default "weighted").
+        pool: rows sharing a measurement run one filter and share its particles (default
+            False: one filter per row).
 
     Example:
         >>> import torch
@@ -112,7 +137,9 @@ class TDS(PosteriorSampler):
     data_var: float = 1.0
     covariance: str = "jacobian"
     cg_iters: int = 4
-    kernel: str = "ddpm"
+    kernel: str = "2m"
+    terminal: str = "weighted"
+    pool: bool = False
 
     name: ClassVar[str] = "tds"
     needs: ClassVar[tuple[str, ...]] = ("linear",)
@@ -120,7 +147,11 @@ class TDS(PosteriorSampler):
         "Wu, Trippe, Naesseth, Blei, Cunningham. Practical and Asymptotically Exact "
         "Conditional Sampling in Diffusion Models. NeurIPS 2023."
     )
-    SEARCH: ClassVar[dict[str, tuple[Any, ...]]] = {"eta": (0.5, 1.0), "kernel": ("ddpm", "2m")}
+    SEARCH: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "eta": (0.5, 1.0),
+        "kernel": ("ddpm", "2m"),
+        "pool": (False, True),
+    }
 
     def __post_init__(self) -> None:
         self._count(particles=self.particles)
@@ -135,8 +166,12 @@ class TDS(PosteriorSampler):
                 f"tds: covariance must be 'isotropic' or 'jacobian'; got {self.covariance!r}"
             )
         self._count(cg_iters=self.cg_iters)
+        if not isinstance(self.pool, bool):
+            raise ValueError(f"tds: pool must be True or False; got {self.pool!r}")
         if self.kernel not in ("ddpm", "2m"):
             raise ValueError(f"tds: kernel must be 'ddpm' or '2m'; got {self.kernel!r}")
+        if self.terminal not in ("weighted", "noise"):
+            raise ValueError(f"tds: terminal must be 'weighted' or 'noise'; got {self.terminal!r}")
 
     def _jacobian_solve(
         self, p: Problem, pp: Problem, i: int, xg: Tensor, x0: Tensor, res: Tensor
@@ -172,16 +207,25 @@ class TDS(PosteriorSampler):
         a, s = p.alpha[0], p.sigma[0]
         xp = math.sqrt(a * a + s * s) * eps
         logw = torch.zeros(p.batch, n, dtype=x.dtype, device=x.device)
-        return xp, logw, None, self._particle_problem(p), None
+        groups = measurement_groups(p.y, p.sigma_y) if self.pool else None
+        return xp, logw, None, self._particle_problem(p), None, groups
 
     def _lam(self, p: Problem, i: int) -> float:
         return -math.log(p.st(i))
 
     def step(self, p: Problem, x: Tensor, i: int, state: Any) -> tuple[Tensor, Any]:
-        xp, logw, pending, pp, x0_prev = state
+        xp, logw, pending, pp, x0_prev, groups = state
         b, n = p.batch, self.particles
         flat = xp.reshape(b * n, *xp.shape[2:])
-        xg, x0 = p.denoise_with_grad(flat, i)
+        first = i == 0 and self.terminal == "weighted"
+        if first:
+            zero = torch.zeros((b, *xp.shape[2:]), dtype=xp.dtype, device=xp.device)
+            xg = flat.detach().requires_grad_(True)
+            with torch.enable_grad():
+                both = p.denoise(torch.cat([xg, zero]), i)
+                x0, d0 = both[: b * n], both[b * n :].detach()
+        else:
+            xg, x0 = p.denoise_with_grad(flat, i)
         r2 = r2_isotropic(p, i, self.data_var)
         with torch.no_grad():
             res = pp.residual(x0.detach())
@@ -196,12 +240,16 @@ class TDS(PosteriorSampler):
         x0_y = x0 + tweedie_shift(p, i, g)
         # complete the previous move's weight with this level's potential
         logw = logw + log_pot - (pending if pending is not None else 0.0)
+        if first:
+            logw = logw + terminal_log_weight(p, xp, x0.reshape(xp.shape), d0).to(logw.dtype)
         last = i == p.n - 1
         shp = (b, n, *xp.shape[2:])
         carry = (xp, x0.reshape(shp), x0_y.reshape(shp), log_pot)
         if x0_prev is not None:
             carry = (*carry, x0_prev)
-        logw, xp, x0, x0_y, log_pot, *rest = systematic_resample(p, logw, *carry, ess=self.ess)
+        logw, xp, x0, x0_y, log_pot, *rest = systematic_resample(
+            p, logw, *carry, ess=self.ess, groups=groups
+        )
         x0_prev = rest[0] if rest else None
         if last:
             # x0 ~ N(x0_hat, r^2 I) conditioned on y (Matheron): x0_y + z - K (A z + noise)
@@ -214,7 +262,7 @@ class TDS(PosteriorSampler):
             pert = p.operator.A(zf) + pp.col(pp.sigma_y, ef) * ef
             corr = r2 * p.operator.At(measurement_solve(pp, r2, pert)).to(zf.dtype)
             out = x0_y.reshape(b * n, *xp.shape[2:]) + zf - corr
-            return out.reshape(shp)[:, 0], (out.reshape(shp), logw, None, pp, None)
+            return out.reshape(shp)[:, 0], (out.reshape(shp), logw, None, pp, None, groups)
         a, bc, c = ddim_coefficients(p, i, self.eta)
         a_t, s_t = p.alpha[i], p.sigma[i]
         est = x0
@@ -236,8 +284,8 @@ class TDS(PosteriorSampler):
         logw = logw + log_ratio
         # only the multistep kernel needs this step's estimate (carried through resampling)
         keep = x0 if self.kernel == "2m" else None
-        return x_next[:, 0], (x_next, logw, log_pot, pp, keep)
+        return x_next[:, 0], (x_next, logw, log_pot, pp, keep, groups)
 
     def finish(self, p: Problem, x: Tensor, state: Any) -> Tensor:
-        xp, logw, *_ = state
-        return pick_one(p, logw, xp)
+        xp, logw, *_, groups = state
+        return pick_one(p, logw, xp, groups)
