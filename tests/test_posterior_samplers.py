@@ -348,11 +348,12 @@ def test_dps_does_not_ignore_y_at_few_steps(single_thread):
         assert fit < 0.35 * prior_fit, (steps, float(fit), float(prior_fit))
 
 
-@pytest.mark.parametrize("kernel", ["ddpm", "2m"])
-def test_tds_is_exact_for_a_correlated_gaussian_prior(single_thread, kernel):
+@pytest.mark.parametrize("kernel, pool", [("ddpm", True), ("2m", True), ("2m", False)])
+def test_tds_is_exact_for_a_correlated_gaussian_prior(single_thread, kernel, pool):
     """With the Jacobian covariance the twisting potential is exact for any Gaussian prior
     (here a correlated, non-unit one), so the twisted sampler matches the exact posterior,
-    with the first-order and the second-order multistep backward kernel."""
+    with the first-order and the second-order multistep backward kernel, pooled or with one
+    filter per sample."""
     cov = torch.tensor(
         [[2.0, 0.6, 0.0, 0.3], [0.6, 1.0, 0.2, 0.0], [0.0, 0.2, 0.5, 0.1], [0.3, 0.0, 0.1, 1.5]],
         dtype=F64,
@@ -362,7 +363,7 @@ def test_tds_is_exact_for_a_correlated_gaussian_prior(single_thread, kernel):
     g = torch.Generator().manual_seed(3)
     y = op(prior.sample(1, g)) + 0.2 * torch.randn(1, 2, generator=g, dtype=F64)
     n = 1500
-    x = get_sampler("tds", particles=8, kernel=kernel).run(
+    x = get_sampler("tds", particles=8, kernel=kernel, pool=pool).run(
         prior, op, y.expand(n, 2), 0.2, steps=100, noise=4, dtype=F64
     )
     _check_moments(x, prior.posterior(op, y[0], 0.2))

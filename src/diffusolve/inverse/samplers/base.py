@@ -22,7 +22,10 @@ network evaluations (samplers with inner loops say so: ``nfe(steps)``). A step s
 **Per sample.** Data terms, step sizes and gradients are per sample (a batch never changes a
 sample's result: losses are summed over the batch only to take per-sample gradients, never
 normalised by it), and with per-sample noise seeds (``noise=SEED``) a sample's result does
-not depend on the batch it is drawn in.
+not depend on the batch it is drawn in. The one deliberate exception: a particle sampler
+with ``pool=True`` (TDS's default) treats rows repeating one measurement as requests for
+several samples of one posterior and draws them from one shared filter; rows with other
+measurements still never affect them.
 """
 
 from __future__ import annotations
