@@ -45,7 +45,7 @@ with other measurements; the samples of one measurement are dependent and depend
 many there are. With ``pool=False`` each row runs its own filter of ``particles`` particles
 and returns one particle drawn by its final weights, so a row never depends on its batch;
 at the same network cost its finite-particle bias is far larger (on the bench's d = 80
-problems, 100 steps: 1.7x the floor pooled with a quarter of the particles, 3-6x per row on
+problems, 100 steps: 1.7x the floor pooled with a quarter of the particles, 4-6x per row on
 the hard problems). Either way the sampler is asymptotically exact for the model's
 backward chain as the particles grow; with a Gaussian prior of variance ``data_var`` the
 potentials are exact and so are the samples. One network evaluation (with a
