@@ -191,7 +191,8 @@ def terminal_log_weight(p: Problem, x: Tensor, x0: Tensor, d0: Tensor) -> Tensor
 def measurement_groups(y: Tensor, sigma_y: Tensor) -> list[Tensor]:
     """The rows of a batch grouped by equal measurement and noise level: a list of ``[k]``
     row-index tensors (each in increasing order; groups ordered by their first row)."""
-    key = torch.cat([_real_rows(y), sigma_y.reshape(-1, 1).to(_real_rows(y).dtype)], 1)
+    rows = _real_rows(y)
+    key = torch.cat([rows, sigma_y.reshape(-1, 1).to(rows.dtype)], 1)
     _, inverse = torch.unique(key, dim=0, return_inverse=True)
     groups: dict[int, list[int]] = {}
     for row, g in enumerate(inverse.tolist()):
