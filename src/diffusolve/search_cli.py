@@ -93,6 +93,19 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="folder for cached references (digits: always cached, by default in "
         "~/.cache/diffusolve/search; analytic tasks: only with --cache)",
     )
+    p.add_argument(
+        "--fit",
+        action="store_true",
+        help="then fit a non-stationary linear solver (ns) from the result: every "
+        "coefficient and the times, by autograd on the calibration sets, picked and stopped "
+        "on the validation sets",
+    )
+    p.add_argument(
+        "--fit-iterations", type=int, default=30, help="outer L-BFGS iterations (default 30)"
+    )
+    p.add_argument(
+        "--fit-fixed-times", action="store_true", help="fit the coefficients only (keep times)"
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run_search)
     return p
@@ -109,8 +122,15 @@ def _check_args(args: argparse.Namespace) -> None:
         )
     if args.nfe < 2:
         raise ValueError(f"--nfe must be at least 2, got {args.nfe}")
-    if args.budget < 1:
-        raise ValueError(f"--budget must be at least 1, got {args.budget}")
+    if args.budget < 0 or (args.budget == 0 and not (args.fit and args.start)):
+        raise ValueError(
+            f"--budget must be at least 1 (0 only with --fit and --start: fit from the best "
+            f"start without a search), got {args.budget}"
+        )
+    if args.fit_iterations < 0:
+        raise ValueError(f"--fit-iterations must be at least 0, got {args.fit_iterations}")
+    if (args.fit_iterations != 30 or args.fit_fixed_times) and not args.fit:
+        raise ValueError("--fit-iterations and --fit-fixed-times need --fit")
     for flag in ("calib_priors", "calib_samples", "heldout_samples", "ref_steps"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
@@ -125,8 +145,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise FileExistsError(f"{out} exists; pass --force to overwrite it or choose another --out")
     if args.resume and not args.log:
         raise ValueError("--resume needs --log (the log to continue)")
-    if args.log and Path(args.log).exists() and Path(args.log).stat().st_size and not args.resume:
-        raise FileExistsError(f"{args.log} exists; pass --resume to continue it")
+    for log in (args.log, _fit_log(args)):
+        if log and Path(log).exists() and Path(log).stat().st_size and not args.resume:
+            raise FileExistsError(f"{log} exists; pass --resume to continue it")
     if args.solver:
         from .solvers import get_solver
 
@@ -238,9 +259,17 @@ def _network_sets(args: argparse.Namespace) -> tuple[list[Any], list[Any], list[
     return cal, val, held, what
 
 
+def _fit_log(args: argparse.Namespace) -> str | None:
+    """The fit's own log next to ``--log`` (``X.jsonl`` -> ``X.fit.jsonl``)."""
+    if not (args.fit and args.log):
+        return None
+    p = Path(args.log)
+    return str(p.with_name(p.stem + ".fit" + (p.suffix or ".jsonl")))
+
+
 def run_search(args: argparse.Namespace) -> int:
     _check_args(args)
-    from .solvers.search import Proxy, Schedule, search
+    from .solvers.search import Proxy, Schedule, SearchResult, fit, search
 
     start = time.perf_counter()
     if args.model in NETWORK_MODELS:
@@ -263,42 +292,79 @@ def run_search(args: argparse.Namespace) -> int:
         )
     print(what, file=sys.stderr)
     proxy = Proxy(cal)
-    res = search(
-        proxy,
-        args.nfe,
-        solver=args.solver,
-        budget=args.budget,
-        seed=args.seed,
-        log=args.log,
-        resume=args.resume,
-        progress=False if args.no_progress else None,
-        info={"model": args.model, "data": what},
-        validation=Proxy(val) if val else None,
-        seeds=[Schedule.load(f) for f in args.start],
-    )
+    vproxy = Proxy(val) if val else None
+    info = {"model": args.model, "data": what}
+    progress = False if args.no_progress else None
+    seeds = [Schedule.load(f) for f in args.start]
+    if args.budget == 0:  # --fit from the best --start, no search
+        for f, s in zip(args.start, seeds, strict=True):
+            if s.nfe != args.nfe:
+                raise ValueError(f"--start {f} is a schedule of NFE {s.nfe}, not --nfe {args.nfe}")
+        scored = [(proxy.schedule_error(s), s) for s in seeds]
+        best = min(scored, key=lambda v: v[0])
+        res = SearchResult(best[1], best[1], best[0], best[0], len(seeds), len(seeds))
+    else:
+        res = search(
+            proxy,
+            args.nfe,
+            solver=args.solver,
+            budget=args.budget,
+            seed=args.seed,
+            log=args.log,
+            resume=args.resume,
+            progress=progress,
+            info=info,
+            validation=vproxy,
+            seeds=seeds,
+        )
     # what the search cost (references and the held-out report below excluded)
     search_seconds = time.perf_counter() - start
-    rows = []
-    for label, sch in (("start", res.start), ("searched", res.schedule)):
-        errs = [Proxy([s]).schedule_error(sch) for s in held]
-        rows.append((label, sch, errs))
-    sch = res.schedule
-    sch.info["heldout"] = rows[1][2]
-    sch.info["heldout_start"] = rows[0][2]
-    sch.info["start"] = res.start.to_dict()
-    sch.info["cost"] = {
+    results = [("start", res.start, res.proxy_before), ("searched", res.schedule, res.proxy_after)]
+    cost: dict[str, Any] = {
         "proxy_evaluations": res.evaluations,
         "new_proxy_evaluations": res.fresh,
         "seconds": round(search_seconds, 1),
     }
+    if args.fit:
+        fitted = fit(
+            proxy,
+            res.schedule,
+            validation=vproxy,
+            iterations=args.fit_iterations,
+            times=not args.fit_fixed_times,
+            log=_fit_log(args),
+            resume=args.resume,
+            progress=progress,
+            info=info,
+        )
+        results.append(("fitted", fitted.schedule, fitted.proxy_after))
+        cost["fit_iterations"] = fitted.iterations
+        cost["fit_seconds"] = round(fitted.seconds, 1)
+    rows = []
+    for label, sch, value in results:
+        errs = [Proxy([s]).schedule_error(sch) for s in held]
+        rows.append((label, sch, value, errs))
+    sch = rows[-1][1]
+    sch.info["heldout"] = rows[-1][3]
+    sch.info["heldout_start"] = rows[0][3]
+    sch.info["start"] = res.start.to_dict()
+    if args.fit:
+        sch.info["heldout_searched"] = rows[1][3]
+        sch.info["searched"] = res.schedule.to_dict()
+    sch.info["cost"] = cost
     sch.save(args.out, force=args.force)
     names = "  ".join(f"held-out {i}" for i in range(len(held)))
     print(f"{'':9s}  proxy      {names}")
-    for (label, s, errs), value in zip(rows, (res.proxy_before, res.proxy_after), strict=True):
+    for label, s, value, errs in rows:
         cols = "  ".join(f"{e:.4e}" for e in errs)
         print(f"{label:9s}  {value:.4e} {cols}   {s.describe()}")
+    fit_txt = (
+        f" + fit: {cost['fit_iterations']} iterations in {cost['fit_seconds']:.1f} s"
+        if args.fit
+        else ""
+    )
     print(
-        f"{res.evaluations} proxy evaluations ({res.fresh} new) in "
-        f"{time.perf_counter() - start:.1f} s; schedule written to {args.out}"
+        f"{res.evaluations} proxy evaluations ({res.fresh} new){fit_txt}; "
+        f"{time.perf_counter() - start:.1f} s in all; schedule written to {args.out}"
     )
     return 0

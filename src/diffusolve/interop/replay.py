@@ -204,6 +204,15 @@ class PushSolve:
         if self.final == "none":
             self.result = self.x
             return
+        if self.final == "denoise":  # through the solver (a combination for ``ns``)
+            try:
+                out = self.solver.finish(self._model(), self.x, self._times[-1], self.state)
+            except NeedEvaluation as need:
+                self.query = (need.x, need.t)
+                return
+            self.evaluations.extend(self._pending)
+            self.result = out
+            return
         if not self._pending:
             self.query = (self.x, self._times[-1])
             return

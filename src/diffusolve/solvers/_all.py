@@ -3,4 +3,4 @@
 from . import ddim, deis, dpm_multistep, dpm_solver, dpmpp_ancestral, euler, lcm, pndm, unipc  # noqa: F401
 from .bdia import BDIADDIM  # noqa: F401  (bdia_ddim, bdia_edm)
 from .interpolant import InterpolantSDE  # noqa: F401  (si_sde)
-from .search import usf  # noqa: F401,E402  (the per-step decision solver)
+from .search import ns, usf  # noqa: F401,E402  (per-step decisions; fitted linear)

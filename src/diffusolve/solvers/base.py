@@ -163,6 +163,15 @@ class Solver:
     ) -> tuple[Tensor, Any]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def finish(self, model: BoundModel, x: Tensor, t: Tensor, state: Any) -> Tensor:
+        """The result of ``final="denoise"``: one model evaluation at the last grid point.
+
+        The default is the model's x0 estimate ``model(x, t)``; a solver whose result
+        combines all its outputs (:class:`~diffusolve.solvers.search.ns.NS`) overrides it.
+        Same purity rule as :meth:`step` (no mutation of ``state``).
+        """
+        return model(x, t)
+
     def nfe(self, n_steps: int) -> int:
         """Model evaluations used by ``n_steps`` steps (without the final evaluation)."""
         return self.evals_per_step * n_steps

@@ -133,7 +133,8 @@ def sample(
         solver: a registry name or alias (see ``diffusolve solvers``) or a solver object.
         cond: passed to every model call.
         final: ``"denoise"`` returns the x0 estimate at ``grid[-1]`` (one more model
-            evaluation); ``"zero"`` returns the endpoint at sigma = 0, extrapolated from the
+            evaluation, through ``solver.finish``: the plain estimate for every solver but
+            one whose result combines all its outputs, ``ns``); ``"zero"`` returns the endpoint at sigma = 0, extrapolated from the
             denoiser's outputs at the last grid times (same cost; see
             :mod:`diffusolve.solvers.endpoint`); ``"none"`` returns ``x`` at ``grid[-1]``.
         noise: for stochastic solvers: an int seed (per-sample seeds ``seed + i``), a list
@@ -221,10 +222,11 @@ def sample(
             if bar is not None:
                 bar.set_postfix(nfe=bound.nfe)
                 bar.update(1)
-        if final != "none":
+        if final == "denoise":
+            x = solver.finish(bound, x, times[-1], state)
+        elif final == "zero":
             x = bound(x, times[-1])
-            if recorder is not None:
-                x = recorder.endpoint(n_steps)
+            x = recorder.endpoint(n_steps)  # type: ignore[union-attr]
         if not torch.isfinite(x).all():
             raise FloatingPointError(
                 f"{solver.name} produced non-finite values (model outputs were finite); "

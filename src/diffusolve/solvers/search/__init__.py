@@ -1,6 +1,7 @@
 """Solver-schedule search: the per-step decision solver (USF), searched schedules and the
 searches that find them (evolution over timesteps and decisions, finite-difference
-refinement of the continuous parameters), scored by an honest proxy.
+refinement of the continuous parameters), scored by an honest proxy; the non-stationary
+linear solver (``ns``) and the fit of its coefficients and times by autograd.
 
 Example:
     >>> from diffusolve.solvers.search import USF, Decision, Schedule, Proxy, search
@@ -9,6 +10,7 @@ Example:
 """
 
 from .evolve import Candidate, GridParam, Proxy, SearchResult, search, usf_presets
+from .ns import NS, FitResult, fit, linearize
 from .schedule import ProcessSpec, Schedule
 from .shipped import list_shipped, load_shipped, shipped_path
 from .usf import USF, Decision
@@ -24,6 +26,10 @@ __all__ = [
     "SearchResult",
     "search",
     "usf_presets",
+    "NS",
+    "linearize",
+    "fit",
+    "FitResult",
     "list_shipped",
     "load_shipped",
     "shipped_path",

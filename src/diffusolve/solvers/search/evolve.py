@@ -177,12 +177,16 @@ class GridParam:
         """The grid (``n + 1`` decreasing times from ``t_max``) of ``z``."""
         if len(z) != self.n:
             raise ValueError(f"need {self.n} parameters, got {len(z)}")
-        e = torch.exp(torch.tensor([*z, 0.0], dtype=torch.float64))
+        return self.times_tensor(torch.tensor([float(v) for v in z], dtype=torch.float64))
+
+    def times_tensor(self, z: Tensor) -> Tensor:
+        """:meth:`times` of a float64 tensor ``z``, differentiable in ``z``."""
+        e = torch.exp(torch.cat([z, z.new_zeros(1)]))
         u = torch.cumsum(e, 0)[: self.n] / e.sum()
         lam = self.l0 + u * (self.l1 - self.l0)
         t = self.process.t_of_lambda(lam)
         p = self.process
-        return torch.cat([torch.tensor([p.t_max], dtype=torch.float64), t.clamp(p.t_min, p.t_max)])
+        return torch.cat([t.new_tensor([p.t_max]), t.clamp(p.t_min, p.t_max)])
 
     def encode(self, grid: Tensor) -> tuple[float, ...]:
         """The ``z`` of a grid starting at ``t_max`` (a grid ending at ``t_min`` is given the
