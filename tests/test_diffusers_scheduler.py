@@ -261,16 +261,18 @@ def test_add_noise_is_the_process_marginal():
 
 
 # ---------------------------------------------------------------------- DDPMPipeline
-def test_ddpm_pipeline_with_a_v_prediction_unet_and_a_shipped_schedule():
+@pytest.mark.parametrize("name", ["digits-nfe5-usf", "digits-nfe5-ns"])
+def test_ddpm_pipeline_with_a_v_prediction_unet_and_a_shipped_schedule(name):
     """``DDPMPipeline`` (unconditional UNet2DModel, the bundled digits model's scheduler
-    config: linear betas, v-prediction) with a shipped searched schedule: the pipeline makes
-    exactly the schedule's NFE and returns the schedule's own result on the same start."""
+    config: linear betas, v-prediction) with a shipped searched schedule (USF decisions; a
+    fitted ``ns`` solver, whose result combines all outputs): the pipeline makes exactly the
+    schedule's NFE and returns the schedule's own result on the same start."""
     from diffusolve.solvers.search.shipped import load_shipped
 
     folder = Path(diffusolve.__file__).parent / "assets" / "digits" / "scheduler"
     cfg = json.loads((folder / "scheduler_config.json").read_text())
     unet = tiny_unet().eval()
-    sched = DiffusolveScheduler.from_config(cfg, schedule="digits-nfe5-usf")
+    sched = DiffusolveScheduler.from_config(cfg, schedule=name)
     pipe = DDPMPipeline(unet=unet, scheduler=sched)
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
@@ -283,7 +285,7 @@ def test_ddpm_pipeline_with_a_v_prediction_unet_and_a_shipped_schedule():
     assert len(sched.timesteps) == 5
     x_t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        ref = load_shipped("digits-nfe5-usf").sample(from_diffusers(unet, cfg), x_t)
+        ref = load_shipped(name).sample(from_diffusers(unet, cfg), x_t)
     ref = (ref / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     assert abs(out - ref).max() < 1e-5
 

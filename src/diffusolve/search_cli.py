@@ -18,7 +18,12 @@ What the search sees and what is reported are kept apart:
 
 It prints the proxy before (the best starting schedule: standard grids and, for ``--usf``,
 the UniPC / DPM-Solver++ decision presets) and after, and the held-out errors of both, and
-writes the searched schedule (JSON, :class:`diffusolve.solvers.search.Schedule`).
+writes the searched schedule (JSON, :class:`diffusolve.solvers.search.Schedule`). With
+``--fit`` it then fits a non-stationary linear solver (``ns``,
+:func:`diffusolve.solvers.search.fit`) from the searched schedule on the same calibration
+and validation sets (``--budget 0 --start F``: from the best given schedule, no search),
+reports its held-out errors too and writes the fitted schedule; its log is ``--log``'s name
+with ``.fit`` before the suffix.
 No heavy imports at module level.
 """
 

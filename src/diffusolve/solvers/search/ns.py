@@ -473,11 +473,14 @@ def _open_fit_log(path: Path, header: dict[str, Any], resume: bool):
                 )
         if head.get("start") != header["start"]:
             raise ValueError(f"{path} was written for another start schedule; use a new --log")
+        kept = [lines[0]]
         for ln in lines[1:]:
             try:
                 trace.append(json.loads(ln))
-            except json.JSONDecodeError:  # a line cut by an interruption
+            except json.JSONDecodeError:  # a line cut by an interruption: dropped
                 break
+            kept.append(ln)
+        path.write_text("\n".join(kept) + "\n")
         return path.open("a"), trace
     path.parent.mkdir(parents=True, exist_ok=True)
     f = path.open("w")
