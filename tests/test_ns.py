@@ -169,7 +169,12 @@ def test_cli_search_fit_from_a_start(tmp_path, capsys):
     assert "fitted" in text and "fit: 2 iterations" in text
     sch = Schedule.load(out)
     assert sch.solver == "ns" and sch.nfe == 4 and len(sch.info["heldout"]) == 2
-    assert sch.info["cost"]["fit_iterations"] == 2
+    cost = sch.info["cost"]
+    assert cost["fit_iterations"] == 2 and sch.info["mode"] == "ns-fit"
+    assert cost["seconds"] == pytest.approx(cost["search_seconds"] + cost["fit_seconds"], abs=0.2)
+    from diffusolve.bench.samplers import search_cost
+
+    assert "ns fit of 2 L-BFGS iterations" in search_cost(sch)["note"]
     # --budget 0 needs --fit and --start
     bad = ["search", "--model", "gmm-d2-vp", "--budget", "0", "--out", str(tmp_path / "b.json")]
     assert main(bad) == 2

@@ -345,6 +345,10 @@ def run_search(args: argparse.Namespace) -> int:
         results.append(("fitted", fitted.schedule, fitted.proxy_after))
         cost["fit_iterations"] = fitted.iterations
         cost["fit_seconds"] = round(fitted.seconds, 1)
+        cost["search_seconds"] = cost["seconds"]
+        cost["seconds"] = round(search_seconds + fitted.seconds, 1)
+        if args.budget == 0 and isinstance(res.start.info.get("cost"), dict):
+            cost["start_cost"] = res.start.info["cost"]  # the search that found the start
     rows = []
     for label, sch, value in results:
         errs = [Proxy([s]).schedule_error(sch) for s in held]
@@ -357,6 +361,8 @@ def run_search(args: argparse.Namespace) -> int:
         sch.info["heldout_searched"] = rows[1][3]
         sch.info["searched"] = res.schedule.to_dict()
     sch.info["cost"] = cost
+    if args.fit:
+        sch.info["mode"] = "ns-fit"
     sch.save(args.out, force=args.force)
     names = "  ".join(f"held-out {i}" for i in range(len(held)))
     print(f"{'':9s}  proxy      {names}")

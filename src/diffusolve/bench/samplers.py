@@ -482,6 +482,18 @@ def search_cost(schedule: Any) -> dict[str, Any]:
             )
     if seconds is None:
         notes.append("seconds not recorded in the schedule")
+    if cost.get("fit_iterations") is not None:
+        start = cost.get("start_cost") or {}
+        notes.append(
+            f"an ns fit of {cost['fit_iterations']} L-BFGS iterations "
+            f"({cost.get('fit_seconds', float('nan')):.0f} s) included"
+            + (
+                f"; the search that found its start: {start.get('proxy_evaluations')} proxy "
+                f"evaluations, {start.get('seconds')} s"
+                if start
+                else ""
+            )
+        )
     return {
         "proxy_evaluations": proxy,
         "model_evaluations": model,
