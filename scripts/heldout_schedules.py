@@ -12,7 +12,10 @@ Usage::
 
     python scripts/heldout_schedules.py gmm-d64-vp gmm-d64-vp-nfe5-usf gmm-d64-vp-nfe5-ns
 
-Schedules are shipped names or files. Prints a Markdown table.
+Schedules are shipped names or files. ``--fixed NFE`` adds a row with the best of our
+fixed-schedule solvers at that NFE (the solvers of :data:`FIXED` on every grid kind, ending
+at t_min or one point early, final denoise or zero), picked on each set itself: a choice no user has, so an upper bound on
+what a fixed schedule gives there. Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -24,8 +27,13 @@ import torch
 
 from diffusolve.bench.tasks import TASKS, prior_for
 from diffusolve.models.analytic.gmm import GaussianMixture
-from diffusolve.process import get_process
+from diffusolve.process import GRIDS, get_process, make_grid
+from diffusolve.solvers import steps_for_nfe
 from diffusolve.solvers.search import Proxy, Schedule, list_shipped, load_shipped
+
+#: the fixed-schedule solvers of ``--fixed``
+FIXED = ("ddim", "dpmpp_2m", "dpmpp_3m", "unipc_bh1_1", "unipc_bh1_2", "unipc_bh2_2")
+FIXED += ("deis_tab3", "ipndm")
 
 
 def _schedule(name: str) -> Schedule:
@@ -52,10 +60,28 @@ def main() -> None:
     ap.add_argument("task")
     ap.add_argument("schedules", nargs="+")
     ap.add_argument("--n", type=int, default=512, help="starts per set (default 512)")
+    ap.add_argument("--fixed", type=int, help="add our best fixed-schedule solver at this NFE")
     args = ap.parse_args()
     sets = _sets(args.task, args.n)
     print("| schedule | " + " | ".join(label for label, _ in sets) + " |")
     print("|---" * (len(sets) + 1) + "|")
+    if args.fixed:
+        process = sets[0][1][0].process
+        best = [(float("inf"), "")] * len(sets)
+        for name in FIXED:
+            for kind in GRIDS:
+                for final in ("denoise", "zero"):
+                    n = steps_for_nfe(name, args.fixed, final)
+                    ends = {"t_min": make_grid(process, n, kind)}
+                    ends["early"] = make_grid(process, n + 1, kind)[:-1]  # one point early
+                    for end, grid in ends.items():
+                        sch = Schedule.for_solver(process, grid, name, final)
+                        for i, (_, s) in enumerate(sets):
+                            e = Proxy([s]).schedule_error(sch)
+                            if e < best[i][0]:
+                                best[i] = (e, f"{name}/{kind}/{end}/{final}")
+        cells = " | ".join(f"{e:.4f} ({what})" for e, what in best)
+        print(f"| our best fixed solver, picked per set | {cells} |", flush=True)
     for name in args.schedules:
         sch = _schedule(name)
         errs = [Proxy([s]).schedule_error(sch) for _, s in sets]

@@ -3,13 +3,9 @@
 Every deterministic single-evaluation-per-step solver we ship (DDIM, DPM-Solver(++),
 UniPC, DEIS, the USF decision plans, with ``final="denoise"`` or ``"zero"``) is, on a fixed
 grid, *linear* in the start and the model outputs: the ``k``-th evaluation point is
-
-.. math::
-
-    x_k = c_{k,0}\\, x_T + \\sum_{j<k} c_{k,j+1}\\, D_j, \\qquad D_j = D_\\theta(x_j, t_j),
-
-and the result is such a combination of ``x_T, D_0, ..., D_{n-1}`` (``n`` = the NFE). The
-coefficients depend on the grid alone. The non-stationary solver ``ns`` (the family of
+``x_k = c[k][0] x_T + sum_{j<k} c[k][j+1] D_j`` with ``D_j = D(x_j, t_j)``, and the result
+is such a combination of ``x_T, D_0, ..., D_{n-1}`` (``n`` = the NFE). The coefficients
+depend on the grid alone. The non-stationary solver ``ns`` (the family of
 Shaul et al., *Bespoke Non-Stationary Solvers for Fast Sampling of Diffusion and Flow
 Models*, ICML 2024) keeps exactly this form and makes every coefficient free:
 ``coefficients[k]`` (``k = 0 .. n-1``) holds the ``k + 2`` numbers of the point at
