@@ -63,12 +63,14 @@ from torch import Tensor
 
 from ...process import Process
 from ..base import BoundModel, Solver, StepContext, register
+from ..ddim import DDIM
 from ..loop import sample
 from .evolve import Z_MAX, GridParam, Proxy
 from .schedule import Schedule
 
 __all__ = ["NS", "linearize", "fit", "FitResult", "combine", "FIT_LOG_FORMAT"]
 
+_DDIM = DDIM(eta=0.0)  # what ns is without coefficients
 SHAUL_2024 = (
     "Shaul, Singer, Chen, Le, Thabet, Pumarola & Lipman, Bespoke Non-Stationary Solvers for "
     "Fast Sampling of Diffusion and Flow Models, ICML 2024"
@@ -159,12 +161,8 @@ class NS(Solver):
         state: tuple[Tensor, ...] | None,
         ctx: StepContext,
     ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
-        if not self.coefficients:  # DDIM: x_next = (s'/s) x + (a' - a s'/s) x0
-            x0 = model(x, t)
-            a, s, _ = model.scalars(t)
-            a1, s1, _ = model.scalars(t_next)
-            r = s1 / s
-            return r * x + (a1 - a * r) * x0, None
+        if not self.coefficients:
+            return _DDIM.step(model, x, t, t_next, None, ctx)
         self._check(ctx)
         basis = (*state, model(x, t))  # type: ignore[misc]
         return combine(self.coefficients[ctx.i], basis), basis
