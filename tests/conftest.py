@@ -1,7 +1,10 @@
 import pytest
 import torch
 
+from diffusolve._alloc import keep_freed_memory
+
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+keep_freed_memory()  # as the command line does: reuse freed large blocks (diffusolve._alloc)
 
 
 @pytest.fixture

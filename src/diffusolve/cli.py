@@ -261,6 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    from ._alloc import keep_freed_memory
+
+    keep_freed_memory()  # sampling loops reuse large blocks (see diffusolve._alloc)
     try:
         return int(func(args) or 0)
     except (ValueError, OSError, FloatingPointError) as exc:

@@ -38,9 +38,13 @@ def chunked_apply(process: Process, fn: Any, xf: Tensor, t: Tensor | float, rows
     a = _col(process.alpha(t), n, xf)
     s = _col(process.sigma_tilde(t), n, xf)
     step = max(1, int(rows))
+    if n <= step:
+        return fn(xf / a, a, s**2)
+    # split, not slicing: the backward of a slice fills a zero tensor of the whole batch per
+    # chunk (quadratic in the batch), the backward of a split is one concatenation
     outs = [
-        fn(xf[i : i + step] / a[i : i + step], a[i : i + step], s[i : i + step] ** 2)
-        for i in range(0, n, step)
+        fn(xc / ac, ac, sc**2)
+        for xc, ac, sc in zip(xf.split(step), a.split(step), s.split(step), strict=True)
     ]
     return torch.cat(outs)
 
