@@ -215,3 +215,45 @@ def test_bad_arguments_are_one_line(tmp_path, capsys, extra, words):
     assert rc == 2 and len(err) == 1 and "Traceback" not in err[0]
     assert all(w in err[0] for w in words), err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_runs_split_by_method_and_problems_merge_into_the_one_run(tmp_path, capsys):
+    """Two runs split by method (one of them with fewer problems) give, merged, the records
+    one run writes; --report-only reads them without running anything and marks the cell
+    with fewer problems; a run of other sample sizes is refused."""
+    base = [
+        "bench", "inverse", "--quick", "--dims", "8", "--steps", "4", "--n-samples", "48",
+        "--image-tasks", "none", "--no-progress",
+    ]  # fmt: skip
+
+    def run(name, *extra):
+        argv = [*base, "--out", str(tmp_path / name), *extra]
+        assert main(argv) == 0, capsys.readouterr().err
+        return tmp_path / name / "inverse.jsonl"
+
+    a = run("a", "--methods", "ddrm", "--problems", "2")
+    b = run("b", "--methods", "dps", "--problems", "1")
+    one = run("one", "--methods", "ddrm,dps", "--problems", "2")
+    capsys.readouterr()
+
+    def gmm(path):
+        recs = [json.loads(x) for x in path.read_text().splitlines()[1:]]
+        return sorted((r["method"], r["problem"], r["sw"]) for r in recs if r["phase"] == "gmm")
+
+    # the report of the two parts: dps has 1 of 2 problems, and nothing ran
+    part = [*base, "--methods", "ddrm,dps", "--problems", "2", "--out", str(tmp_path / "m")]
+    assert main([*part, "--report-only", "--merge", f"{a},{b}"]) == 0
+    out = capsys.readouterr().out
+    assert "[1/2]" in out and "no job run" in out
+    assert not (tmp_path / "m" / "inverse.jsonl").exists()  # report only: no records written
+    # merged into a records file, the resumed run runs only the missing dps problem
+    assert main([*part, "--merge", f"{a},{b}", "--force"]) == 0
+    cap = capsys.readouterr()
+    assert "merged 8 finished jobs" in cap.err and "merged 4 finished jobs" in cap.err
+    assert "; 1 jobs run, 12 resumed" in cap.out  # dps on problem 1 (its floor came from a)
+    assert gmm(tmp_path / "m" / "inverse.jsonl") == gmm(one)
+    # other sample sizes change the records' values: refused, one line
+    other = run("c", "--methods", "ddrm", "--problems", "1", "--n-samples", "40")
+    rc = main([*part, "--out", str(tmp_path / "d"), "--report-only", "--merge", str(other)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "n_samples=40" in err[0]

@@ -482,6 +482,21 @@ def _register_inverse(subparsers: Any) -> None:
     p.add_argument(
         "--json", metavar="PATH", help="write the full result as JSON (refused if PATH exists)"
     )
+    p.add_argument(
+        "--merge",
+        type=_csv,
+        metavar="FILE[,FILE...]",
+        help="records files of other runs of this bench to take finished jobs from: runs "
+        "split by --methods, --dims, --dy, --steps, --problems or --image-tasks (for example "
+        "on two cores or machines) with the same sample sizes; their jobs are added to "
+        "--records and not run again",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: write the report of --records (when it exists) and --merge as "
+        "they stand; a cell with fewer finished problems than --problems shows [k/N]",
+    )
     p.add_argument("--methods", type=_csv, help="posterior samplers (default: every registered)")
     p.add_argument(
         "--dims", type=_ints, help=f"GMM dimensions among 8,80,800 (default {_join(FULL['dims'])})"
@@ -802,14 +817,32 @@ def _inverse_options(args: argparse.Namespace) -> dict[str, Any]:
         else (Path(args.json).with_suffix(".jsonl") if args.json else out / "inverse.jsonl")
     )
     _check_file(rec, "--records", force=True)
-    if rec.exists() and not (args.resume or args.force):
+    merge = [Path(p) for p in (args.merge or [])]
+    for p in merge:
+        if not p.is_file():
+            raise UsageError(f"--merge: {p} is not a file (give records files of other runs)")
+        if p.resolve() == rec.resolve():
+            raise UsageError(f"--merge: {p} is the --records file itself")
+    if args.report_only:
+        if not rec.exists() and not merge:
+            raise UsageError(
+                f"--report-only: records file {rec} does not exist and no --merge files were "
+                "given; nothing to report"
+            )
+    elif rec.exists() and not (args.resume or args.force):
         raise UsageError(
             f"records file {rec} already exists: pass --resume to continue that run or --force "
             "to start it over"
         )
     if args.json and rec.resolve() == Path(args.json).resolve():
         raise UsageError(f"--records and --json are the same file {rec}")
-    opts.update(records=rec, resume=bool(args.resume), overwrite=bool(args.force))
+    opts.update(
+        records=rec,
+        resume=bool(args.resume),
+        overwrite=bool(args.force),
+        merge=merge,
+        report_only=bool(args.report_only),
+    )
     return opts
 
 

@@ -40,6 +40,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -73,6 +74,8 @@ __all__ = [
     "known_methods",
     "check_methods",
     "run_inverse",
+    "MERGEABLE",
+    "merge_records",
     "result_from_records",
     "markdown_report",
     "plot_results",
@@ -657,6 +660,58 @@ def _progress_line(k: int, total: int, job: Job, rec: dict[str, Any]) -> str:
     return f"[{k}/{total}] {job.label}: " + " ".join(bits)
 
 
+#: configuration fields that may differ between runs whose records are merged: the records
+#: are keyed by task, method, steps and problem, so these choose which records exist, never
+#: their values
+MERGEABLE = ("dims", "dys", "steps", "problems", "image_tasks")
+
+
+def merge_records(store: RecordStore, path: str | Path) -> int:
+    """Add the records of another run's records file that ``store`` lacks; returns how
+    many. The other run must be of this bench with the same configuration apart from
+    :data:`MERGEABLE` (and the methods): the same sample sizes, directions and tuning, so its
+    records are what this run would have written.
+
+    Raises:
+        ValueError: ``path`` is not a records file of this bench, or its configuration
+            differs in a field that changes record values.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--merge: {path} is not a file")
+    lines = path.read_text().splitlines()
+    try:
+        head = json.loads(lines[0])["header"] if lines else None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        head = None
+    if not isinstance(head, dict) or head.get("bench") != BENCH:
+        raise ValueError(f"--merge: {path} is not a records file of bench {BENCH!r}")
+    if tuple(head.get("key_fields", ())) != KEY_FIELDS:
+        raise ValueError(f"--merge: {path} uses other key fields {head.get('key_fields')}")
+    mine, theirs = store.header["config"], head.get("config", {})
+    for k in sorted(set(mine) | set(theirs)):
+        if k not in MERGEABLE and mine.get(k) != theirs.get(k):
+            raise ValueError(
+                f"--merge: {path} was written with {k}={theirs.get(k)!r}, this run has "
+                f"{k}={mine.get(k)!r}; only runs that differ in methods, "
+                f"{', '.join(MERGEABLE)} can be merged"
+            )
+    added = 0
+    for i, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines):
+                break  # a last line cut by a kill
+            raise ValueError(f"--merge: {path}: line {i} is not JSON") from None
+        if rec not in store:
+            store.append(rec)
+            added += 1
+    return added
+
+
 def run_inverse(
     *,
     methods: Sequence[str] | None = None,
@@ -679,6 +734,8 @@ def run_inverse(
     records: str | Path | None = None,
     resume: bool = False,
     overwrite: bool = False,
+    merge: Sequence[str | Path] = (),
+    report_only: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -701,6 +758,12 @@ def run_inverse(
         quick: recorded in the configuration (for the report).
         records: JSONL records file (``None``: in memory only).
         resume, overwrite: continue / restart an existing records file.
+        merge: records files of other runs of this bench to take finished jobs from (runs
+            split by method, dimension or step count; see :func:`merge_records`); with a
+            records file they are appended to it.
+        report_only: run nothing: the result of ``records`` (if it exists) and ``merge``
+            alone, read in memory (no file is written). Cells with fewer finished problems
+            than ``problems`` say so in the report.
         progress: print one line per finished job (to ``log``, default stderr).
 
     Raises:
@@ -729,14 +792,36 @@ def run_inverse(
         quick=bool(quick),
     )
     _validate(cfg, IMAGE_TASKS)
+    config = {k: v for k, v in cfg.items() if k != "methods"}
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    if report_only:
+        own = [Path(records)] if records is not None and Path(records).exists() else []
+        sources = own + [Path(p) for p in merge]
+        if not sources:
+            raise ValueError("report only: no records to report (give --records or --merge)")
+        store = RecordStore(None, bench=BENCH, key_fields=KEY_FIELDS, config=config)
+        added = sum(merge_records(store, p) for p in sources)
+        meta = {
+            **cfg,
+            "records": ", ".join(map(str, sources)),
+            "records_run": 0,
+            "records_resumed": added,
+            "report_only": True,
+            "seconds": 0.0,
+            "registered": known_methods(),
+            "torch": torch.__version__,
+        }
+        return result_from_records(store, meta)
     store = open_store(
         records,
         bench=BENCH,
         key_fields=KEY_FIELDS,
-        config={k: v for k, v in cfg.items() if k != "methods"},
+        config=config,
         mode="resume" if resume else ("overwrite" if overwrite else "new"),
     )
-    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    for p in merge:
+        n_added = merge_records(store, p)
+        log(f"merged {n_added} finished jobs from {p}")
 
     def plan(st: RecordStore) -> Iterator[Job]:
         yield from _gmm_plan(cfg, st, _Problems())
@@ -985,6 +1070,8 @@ def markdown_report(result: dict[str, Any]) -> str:
                     cells.append("failed²" if v.get("failed") else "--")
                 else:
                     c = f"{_f(v['sw'])} ({_f(v['ratio'])}x)"
+                    if v.get("problems", meta["problems"]) < meta["problems"]:
+                        c += f" [{v['problems']}/{meta['problems']}]"
                     if v.get("failed"):
                         c += f" ({v['failed']} failed²)"
                     if m == row["best"]:
@@ -1056,10 +1143,29 @@ def markdown_report(result: dict[str, Any]) -> str:
         notes += [f"- {t} steps={s} {m}: {e}" for t, s, m, e in dict.fromkeys(errors)]
     if notes:
         lines += notes + [""]
-    lines.append(
-        f"({meta['seconds']} s; {meta['records_run']} jobs run, {meta['records_resumed']} "
-        f"resumed from {meta['records']}; registered samplers: {', '.join(meta['registered'])})"
+    partial = any(
+        v.get("problems", meta["problems"]) < meta["problems"]
+        for row in result["gmm_summary"]
+        for v in row["methods"].values()
+        if "skipped" not in v and v.get("sw") is not None
     )
+    if partial:
+        lines += [
+            f"[k/{meta['problems']}]: the mean over the k problems finished so far (the floor "
+            "and the ratio over the same problems).",
+            "",
+        ]
+    if meta.get("report_only"):
+        lines.append(
+            f"(report of {meta['records_resumed']} records from {meta['records']}, no job "
+            f"run; registered samplers: {', '.join(meta['registered'])})"
+        )
+    else:
+        lines.append(
+            f"({meta['seconds']} s; {meta['records_run']} jobs run, {meta['records_resumed']} "
+            f"resumed from {meta['records']}; registered samplers: "
+            f"{', '.join(meta['registered'])})"
+        )
     return "\n".join(lines)
 
 
