@@ -3,7 +3,7 @@
 Layers (docs/architecture.md): process < models < solvers < guidance/inverse/sampling <
 inversion/compose/analysis < edit < bench/train < the package top (``diffusolve.load``, the
 CLI, the demo).
-``metrics``, ``images`` and the ``_paths`` helpers import no other diffusolve module, so any
+``metrics``, ``images`` and the ``_paths`` and ``_alloc`` helpers import no other diffusolve module, so any
 layer may use them. Every import counts, including the ones inside functions (lazy imports
 are still dependencies).
 """
@@ -20,6 +20,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "diffusolve"
 #: first component below ``diffusolve`` -> layer; a module may import its own layer or lower
 LAYERS = {
     "_paths": 0,
+    "_alloc": 0,
     "metrics": 0,
     "images": 0,
     "process": 0,
@@ -51,7 +52,7 @@ LAYERS = {
     "__init__": 7,
 }
 #: packages that may import no other diffusolve package at all
-LEAVES = ("_paths", "metrics", "images")
+LEAVES = ("_paths", "_alloc", "metrics", "images")
 
 
 def _module_name(path: Path) -> str:
