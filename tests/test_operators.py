@@ -477,3 +477,33 @@ def test_poisson_noise() -> None:
     torch.testing.assert_close(noise.log_likelihood(y[:, :50], clean[:, :50]), want)
     with pytest.raises(ValueError, match="non-negative"):
         noise.sample(-clean)
+
+
+def test_matrix_svd_implicit_basis_equals_the_dense_one_where_it_matters() -> None:
+    """A wide matrix on a large input completes its right singular vectors with Householder
+    reflections (O(n k) per sample): the first coefficients, the row-space and null-space
+    projectors and the round trip equal the dense full SVD's."""
+    g = torch.Generator().manual_seed(0)
+    n = 600
+    for k in (1, 4, 150):
+        m = torch.randn(k, n, generator=g, dtype=F64)
+        op = MatrixOperator(m, (n,))
+        assert 4 * k <= n <= op.dim_in and n >= op.implicit_basis_min_dim  # implicit path
+        dense = MatrixOperator(m, (n,))
+        dense.implicit_basis_min_dim = n + 1
+        svd, ref = op.svd(), dense.svd()
+        torch.testing.assert_close(svd.s, ref.s, rtol=1e-13, atol=0)
+        x = torch.randn(5, n, generator=g, dtype=F64)
+        c, cr = svd.Vt(x), ref.Vt(x)
+        torch.testing.assert_close(c[:, :k], cr[:, :k], rtol=0, atol=1e-12)
+        torch.testing.assert_close(c.norm(dim=1), x.norm(dim=1), rtol=1e-13, atol=0)
+        torch.testing.assert_close(svd.V(c), x, rtol=0, atol=1e-12)
+        null, null_ref = c.clone(), cr.clone()
+        null[:, :k], null_ref[:, :k] = 0.0, 0.0
+        torch.testing.assert_close(svd.V(null), ref.V(null_ref), rtol=0, atol=1e-12)
+        torch.testing.assert_close(
+            svd.U(svd.s * c[:, :k]), op(x), rtol=0, atol=1e-11 * float(svd.s.max())
+        )
+        if k == 1:  # V is orthogonal as a dense matrix too
+            v = svd.V(torch.eye(n, dtype=F64))
+            torch.testing.assert_close(v @ v.T, torch.eye(n, dtype=F64), rtol=0, atol=1e-12)

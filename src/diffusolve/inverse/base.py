@@ -468,15 +468,17 @@ def _svd_from_spectrum(
     inv = torch.argsort(order)
     r = int(keep.sum())
     s = s_nat[order[:r]].clone()
+    in_order = bool(torch.equal(order, torch.arange(n)))  # no gather needed
 
     def Vt(x: Tensor) -> Tensor:
         op._check(x, op.in_shape, "x")
-        return to_coef(x)[:, op._dev(order, x)]
+        c = to_coef(x)
+        return c if in_order else c[:, op._dev(order, x)]
 
     def V(c: Tensor) -> Tensor:
         if c.ndim != 2 or c.shape[1] != n:
             raise ValueError(f"V expects coefficients of shape [B, {n}]; got {tuple(c.shape)}")
-        return from_coef(c[:, op._dev(inv, c)])
+        return from_coef(c if in_order else c[:, op._dev(inv, c)])
 
     def U(c: Tensor) -> Tensor:
         if c.ndim != 2 or c.shape[1] != r:
