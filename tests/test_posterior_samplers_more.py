@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import diffusolve
-from diffusolve.inverse import CompressedSensing, Inpainting, PhaseRetrieval
+from diffusolve.inverse import CT, CompressedSensing, Inpainting, PhaseRetrieval
 from diffusolve.inverse.samplers import (
     DAPS,
     SAMPLERS,
@@ -459,6 +459,74 @@ def test_daps_langevin_samples_the_gaussian_product(single_thread):
     assert ((x.mean(0) - mean).abs() < 5 * se).all(), (x.mean(0), mean)
     ratio = x.var(0) / cov.diagonal()
     assert ((ratio - 1).abs() < 0.1).all(), ratio
+
+
+@pytest.mark.parametrize("r", [0.7, math.inf])
+def test_daps_exact_inner_samples_the_gaussian_product(single_thread, r):
+    """``inner="exact"`` draws the Langevin target itself: with ``r`` finite the Gaussian of
+    precision ``I / r^2 + A^T A / tau^2``; with ``r`` infinite (flat prior factor) the
+    likelihood alone on the row space and ``x0_hat`` on the null space. 4,000 draws: means
+    within 5 standard errors, variances within 12% (standard error 2.2%), and the null-space
+    part of a flat-prior draw is ``x0_hat``'s to rounding."""
+    process, batch, tau = edm(), 4000, 0.5
+    prior = Gaussian(torch.zeros(3), torch.eye(3), process=process)
+    op = CompressedSensing((3,), 2, seed=1)
+    y = torch.tensor([[0.7, -0.4]], dtype=F64)
+    p = Problem(
+        prior,
+        op,
+        y.expand(batch, -1).clone(),
+        torch.full((batch,), tau, dtype=F64),
+        torch.tensor([r], dtype=F64),
+        as_noise_source(torch.Generator().manual_seed(0), batch),
+    )
+    x0_hat = torch.tensor([0.5, 0.0, -0.5], dtype=F64).expand(batch, -1)
+    x = DAPS(inner="exact").exact(p, x0_hat, 0, p.sigma_y)
+    a = op.matrix()
+    if math.isinf(r):
+        v_r = torch.linalg.svd(a, full_matrices=False).Vh  # [2, 3]: the row space
+        null = torch.eye(3, dtype=F64) - v_r.T @ v_r
+        torch.testing.assert_close(x @ null, x0_hat @ null, rtol=0, atol=1e-12)
+        cov = v_r.T @ torch.linalg.inv(v_r @ a.T @ a @ v_r.T / tau**2) @ v_r
+        mean = torch.linalg.pinv(a) @ y[0] + null @ x0_hat[0]
+        var = cov.diagonal()
+    else:
+        prec = torch.eye(3, dtype=F64) / r**2 + a.T @ a / tau**2
+        cov = torch.linalg.inv(prec)
+        mean = cov @ (x0_hat[0] / r**2 + a.T @ y[0] / tau**2)
+        var = cov.diagonal()
+    se = var.sqrt() / math.sqrt(batch)
+    assert ((x.mean(0) - mean).abs() < 5 * se).all(), (x.mean(0), mean)
+    ratio = x.var(0) / var
+    assert ((ratio - 1).abs() < 0.12).all(), ratio
+    if not math.isinf(r):
+        emp = torch.cov(x.T)
+        assert float((emp - cov).abs().max()) < 0.12 * float(var.max())
+
+
+def test_daps_exact_inner_needs_an_svd_and_samples_near_the_posterior(single_thread):
+    """The exact inner step refuses an operator without an SVD (naming it) and, with no step
+    size to tune, brings the whole sampler as close to the posterior as the tuned Langevin
+    chain does (same bounds as the test below). DAPS's ``p(x0 | x_t) ~ N(x0_hat, r_t^2)``
+    with the paper's ``r_t = st`` is wider than the true conditional: sampled exactly it
+    over-disperses by 1.3-1.5x here (measured; the finite Langevin chain below never reaches
+    its target and hides it), so the exact draw is checked at ``r_scale = 0.5``
+    (0.9-1.1x measured)."""
+    with pytest.raises(NotImplementedError, match="inner='exact'.*linear"):
+        DAPS(inner="exact").check(PhaseRetrieval((1, 3, 3)))
+    with pytest.raises(NotImplementedError, match="inner='exact'.*SVD"):
+        DAPS(inner="exact").check(CT.example())
+    DAPS().check(CT.example())  # the Langevin chain needs gradients only
+    with pytest.raises(ValueError, match="inner"):
+        DAPS(inner="gibbs")
+    prior, op, y, sigma_y = gaussian6(ddpm())
+    post = prior.posterior(op, y, sigma_y)
+    x = DAPS(ode_steps=3, inner="exact", r_scale=0.5).run(
+        prior, op, y.expand(200, -1), sigma_y, steps=25, noise=torch.Generator().manual_seed(0)
+    )
+    assert mean_error_ratio(x, prior, post) < 0.25
+    spread = x.std(0) / post.cov.diagonal().sqrt()
+    assert ((spread - 1).abs() < 0.3).all(), spread
 
 
 def test_daps_samples_near_the_posterior(single_thread):

@@ -27,6 +27,16 @@ time ``t`` (``st = sigma_t / alpha_t``, the noise level of ``x / alpha``):
 3. ``x_next = alpha' x0_y + sigma' z`` (fresh noise); from the last level ``x0_y`` is the
    result.
 
+``inner="exact"`` replaces step 2 for a linear operator with an SVD
+(``A = U diag(s) V_r^T``): the Langevin chain's target is Gaussian, diagonal in ``V``'s
+coordinates ``c = V^T x0``, with precision ``1 / r_t^2 + s_j^2 / tau^2`` and mean
+``(c_hat_j / r_t^2 + s_j (U^T y)_j / tau^2) / precision`` along the row space and
+``N(c_hat_j, r_t^2)`` along the null space; it is sampled exactly (the chain's limit with
+infinitely many steps). No step size, no ``langevin_steps`` gradients of ``A``, and no
+stability limit: one SVD round trip per level. Where ``r_t`` is infinite (``alpha = 0``) the
+prior factor is flat: the row space follows the likelihood alone and the null space keeps
+``x0_hat``.
+
 The likelihood's std ``tau`` is each sample's ``sigma_y`` by default; the paper's code uses
 a fixed ``tau = 0.01`` on every task (with measurement noise 0.05), and its data gradient is
 that of ``||A x - y||^2 / tau^2``, twice the Gaussian log-likelihood's used here. A noiseless
@@ -51,6 +61,7 @@ import torch
 from torch import Tensor
 
 from ...process import make_grid
+from ..base import Operator
 from .base import PosteriorSampler, Problem, register
 
 __all__ = ["DAPS"]
@@ -68,6 +79,8 @@ class DAPS(PosteriorSampler):
         lr_min_ratio: the step size at the last level, relative to ``lr`` (default 0.01).
         r_scale: ``r_t = r_scale * sigma_t / alpha_t`` (default 1.0).
         tau: the likelihood's std; ``None`` (default) uses each sample's ``sigma_y``.
+        inner: ``"langevin"`` (default, the paper's) or ``"exact"`` (the Langevin target
+            sampled in closed form; a linear operator with an SVD).
 
     Example:
         >>> import torch
@@ -92,9 +105,12 @@ class DAPS(PosteriorSampler):
     lr_min_ratio: float = 0.01
     r_scale: float = 1.0
     tau: float | None = None
+    inner: str = "langevin"
 
     name: ClassVar[str] = "daps"
     needs: ClassVar[tuple[str, ...]] = ("grad",)
+    requires: ClassVar[str] = "inner='exact': a linear operator with an SVD"
+    INNER: ClassVar[tuple[str, ...]] = ("langevin", "exact")
     grid_kind: ClassVar[str] = "karras"
     citation: ClassVar[str] = (
         "Zhang, Chu, Berner, Meng, Anandkumar, Song. Improving Diffusion Inverse Problem "
@@ -103,6 +119,7 @@ class DAPS(PosteriorSampler):
     SEARCH: ClassVar[dict[str, tuple[Any, ...]]] = {
         "lr": (1e-5, 3e-5, 1e-4, 3e-4, 1e-3),
         "r_scale": (0.5, 1.0, 2.0),
+        "inner": INNER,
     }
 
     def __post_init__(self) -> None:
@@ -115,6 +132,13 @@ class DAPS(PosteriorSampler):
             raise ValueError(f"daps: lr_min_ratio must lie in (0, 1]; got {self.lr_min_ratio!r}")
         if self.tau is not None:
             self._positive(tau=self.tau)
+        if self.inner not in self.INNER:
+            raise ValueError(f"daps: inner must be one of {self.INNER}; got {self.inner!r}")
+
+    def check(self, operator: Operator) -> None:
+        super().check(operator)
+        if self.inner == "exact":
+            operator.require("linear", "svd", method="daps (inner='exact')")
 
     def nfe(self, steps: int) -> int:
         return int(steps) * self.ode_steps
@@ -130,7 +154,7 @@ class DAPS(PosteriorSampler):
                     "pass tau= (the paper's code uses tau=0.01)"
                 )
             tau = p.sigma_y
-        if p.operator.linear:
+        if p.operator.linear and self.inner == "langevin":
             # the likelihood's gradient step is explicit: along the top singular direction it
             # multiplies a deviation by |1 - lr ||A||^2 / tau^2| per Langevin step (the first
             # level has the largest step); where that compounds past 1e6 over a level's steps
@@ -181,8 +205,32 @@ class DAPS(PosteriorSampler):
             x0 = x0_hat + keep * (x0 - x0_hat) + spread * p.randn(x0)
         return x0
 
+    def exact(self, p: Problem, x0_hat: Tensor, i: int, tau: Tensor) -> Tensor:
+        """One exact draw (per sample) from the Langevin chain's Gaussian target."""
+        svd = p.operator.svd()
+        r = self.r_scale * p.st(i)
+        dt = x0_hat.dtype
+        s = svd.s.to(device=x0_hat.device, dtype=dt)
+        k = s.numel()
+        c = svd.Vt(x0_hat)
+        z = svd.Vt(p.randn(x0_hat))  # V^T of per-sample N(0, I) noise: N(0, I) again
+        yb = svd.Ut(p.y).to(dt)
+        t2 = (tau.to(dt) ** 2)[:, None]
+        if math.isinf(r):  # flat prior factor: the likelihood alone on the row space
+            mean, var = yb / s, t2 / s**2
+            rest = c[:, k:]
+        else:
+            prec = 1.0 / (r * r) + s**2 / t2
+            mean, var = (c[:, :k] / (r * r) + s * yb / t2) / prec, 1.0 / prec
+            rest = c[:, k:] + r * z[:, k:]
+        return svd.V(torch.cat([mean + var.sqrt() * z[:, :k], rest], 1))
+
     def step(self, p: Problem, x: Tensor, i: int, state: Any) -> tuple[Tensor, Any]:
-        x0 = self.langevin(p, self.x0_hat(p, x, i), i, state)
+        x0_hat = self.x0_hat(p, x, i)
+        if self.inner == "exact":
+            x0 = self.exact(p, x0_hat, i, state)
+        else:
+            x0 = self.langevin(p, x0_hat, i, state)
         a_s, s_s = p.alpha[i + 1], p.sigma[i + 1]
         if s_s == 0.0:
             return a_s * x0, state
