@@ -198,10 +198,26 @@ def test_end_to_end_records_report_plots_and_resume(tmp_path, capsys):
     assert records.read_text().splitlines() == lines
 
 
+def test_dims_none_runs_the_image_part_alone(tmp_path, capsys):
+    out = tmp_path / "img"
+    argv = [
+        "bench", "inverse", "--quick", "--methods", "ddrm", "--dims", "none", "--steps", "4",
+        "--image-tasks", "sr4", "--n-images", "2", "--out", str(out), "--no-progress",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    recs = [json.loads(x) for x in (out / "inverse.jsonl").read_text().splitlines()[1:]]
+    assert recs and {r["phase"] for r in recs} <= {"image", "image-task", "image-tune"}
+    assert not any(r["task"].startswith("gmm") for r in recs)
+    assert not (out / "inverse_gmm_sw.png").exists()
+    assert (out / "inverse_panel_sr4.png").stat().st_size > 0
+    capsys.readouterr()
+
+
 @pytest.mark.parametrize(
     ("extra", "words"),
     [
         (["--dims", "7"], ["--dims", "7"]),
+        (["--dims", ""], ["--dims", "empty"]),
         (["--dy", "3"], ["--dy", "3"]),
         (["--methods", "nope"], ["--methods", "'nope'"]),
         (["--image-tasks", "foo"], ["--image-tasks", "'foo'"]),

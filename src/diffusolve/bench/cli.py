@@ -30,6 +30,11 @@ def _ints(text: str) -> list[int]:
         ) from None
 
 
+def _ints_or_none(text: str) -> list[int] | str:
+    """Comma-separated integers, or the word ``none``."""
+    return "none" if text.strip().lower() == "none" else _ints(text)
+
+
 def register(subparsers: Any) -> None:
     """Add ``samplers`` and ``overhead`` to the ``bench`` sub-parsers."""
     from .samplers import FULL_NFES
@@ -499,7 +504,10 @@ def _register_inverse(subparsers: Any) -> None:
     )
     p.add_argument("--methods", type=_csv, help="posterior samplers (default: every registered)")
     p.add_argument(
-        "--dims", type=_ints, help=f"GMM dimensions among 8,80,800 (default {_join(FULL['dims'])})"
+        "--dims",
+        type=_ints_or_none,
+        help=f"GMM dimensions among 8,80,800, 'none' for no GMM part (default "
+        f"{_join(FULL['dims'])})",
     )
     p.add_argument(
         "--dy",
@@ -777,6 +785,9 @@ def _inverse_options(args: argparse.Namespace) -> dict[str, Any]:
     for flag, key, known in (("--dims", "dims", GMM_DIMS), ("--dy", "dys", GMM_DYS)):
         value = getattr(args, key if key == "dims" else "dy")
         if value is not None:
+            if value == "none":  # --dims none: no GMM part
+                opts[key] = []
+                continue
             if not value:
                 raise UsageError(f"{flag} is empty; choose from {_join(known)}")
             bad = [v for v in value if v not in known]
