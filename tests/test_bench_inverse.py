@@ -273,3 +273,15 @@ def test_runs_split_by_method_and_problems_merge_into_the_one_run(tmp_path, caps
     rc = main([*part, "--out", str(tmp_path / "d"), "--report-only", "--merge", str(other)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "n_samples=40" in err[0]
+
+
+def test_rows_run_in_pieces_give_the_same_samples(monkeypatch):
+    """Samplers with independent rows run a problem's samples in pieces (bounded memory at
+    d = 800) with the pieces' own per-sample seeds: the same rows, bit for bit. Pooled
+    filters (TDS's default) are never split."""
+    p = make_problem(8, 2, 0, tuning=True)
+    assert get_sampler("mcgdiff").rows_independent and not get_sampler("tds").rows_independent
+    whole, _ = inv._run_gmm("mcgdiff", {"particles": 8}, p, 40, 4)
+    monkeypatch.setattr(inv, "ROW_BUDGET", 8 * 8 * 7)  # pieces of 7 rows
+    pieces, _ = inv._run_gmm("mcgdiff", {"particles": 8}, p, 40, 4)
+    assert torch.equal(whole, pieces)

@@ -89,6 +89,10 @@ KEY_FIELDS = ("bench", "phase", "task", "method", "steps", "problem", "setting")
 STRATEGIES = ("one-at-a-time", "neighbours", "defaults")
 #: per-sample noise seeds of problem ``p`` start at ``p.seed * NOISE_STRIDE``
 NOISE_STRIDE = 1 << 16
+#: a sampler whose rows are independent runs a problem's samples in pieces of at most this
+#: many elements per ``[rows * particles, d]`` state (same rows; bounded memory: MCGdiff at
+#: d = 800 needs 10 GB in one piece)
+ROW_BUDGET = 1 << 25
 #: images shown per task in the restoration panel
 PANEL_IMAGES = 4
 
@@ -286,17 +290,28 @@ def _run_gmm(
 
     sampler = get_sampler(method, **setting)
     stats: dict[str, Any] = {}
-    x = sampler.run(
-        p.prior,
-        p.operator,
-        p.y.reshape(1, -1).expand(n, -1).contiguous(),
-        p.sigma_y,
-        steps=steps,
-        noise=p.seed * NOISE_STRIDE,
-        dtype=torch.float64,
-        stats=stats,
-        progress=False,
-    )
+    seed = p.seed * NOISE_STRIDE
+    rows = n
+    if sampler.rows_independent:  # pieces of at most ROW_BUDGET elements per state tensor
+        rows = max(1, min(n, ROW_BUDGET // (int(getattr(sampler, "particles", 1)) * p.d)))
+    y = p.y.reshape(1, -1)
+    pieces = []
+    for i0 in range(0, n, rows):
+        i1 = min(n, i0 + rows)
+        pieces.append(
+            sampler.run(
+                p.prior,
+                p.operator,
+                y.expand(i1 - i0, -1).contiguous(),
+                p.sigma_y,
+                steps=steps,
+                noise=seed if rows == n else list(range(seed + i0, seed + i1)),
+                dtype=torch.float64,
+                stats=stats,
+                progress=False,
+            )
+        )
+    x = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     return x, {"nfe": sampler.nfe(steps), "nfe_used": stats.get("nfe")}
 
 

@@ -194,6 +194,13 @@ class PosteriorSampler:
     #: free options worth tuning, with the values the bench tries
     SEARCH: ClassVar[dict[str, tuple[Any, ...]]] = {}
 
+    @property
+    def rows_independent(self) -> bool:
+        """Whether each output row depends only on its own measurement and noise seed, so
+        that a batch run in pieces (with the pieces' per-sample seeds) gives the same rows;
+        ``False`` for particle filters that pool the rows of a measurement (``pool=True``)."""
+        return not bool(getattr(self, "pool", False))
+
     # ---------------------------------------------------------------- options
     def options(self) -> dict[str, Any]:
         """The options as a dict (``type(s)(**s.options()) == s``)."""
