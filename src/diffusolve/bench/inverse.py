@@ -93,6 +93,8 @@ NOISE_STRIDE = 1 << 16
 #: many elements per ``[rows * particles, d]`` state (same rows; bounded memory: MCGdiff at
 #: d = 800 needs 10 GB in one piece)
 ROW_BUDGET = 1 << 25
+#: the same for the digit restorations, in network rows (images x particles) per piece
+IMAGE_ROW_BUDGET = 1600
 #: images shown per task in the restoration panel
 PANEL_IMAGES = 4
 
@@ -290,29 +292,43 @@ def _run_gmm(
 
     sampler = get_sampler(method, **setting)
     stats: dict[str, Any] = {}
-    seed = p.seed * NOISE_STRIDE
+    y = p.y.reshape(1, -1).expand(n, -1)
+    x = _run_in_pieces(
+        sampler, p.prior, p.operator, y, p.sigma_y, steps, p.seed * NOISE_STRIDE,
+        ROW_BUDGET // p.d, dtype=torch.float64, stats=stats,
+    )  # fmt: skip
+    return x, {"nfe": sampler.nfe(steps), "nfe_used": stats.get("nfe")}
+
+
+def _run_in_pieces(
+    sampler: Any,
+    model: Any,
+    operator: Any,
+    y: Tensor,
+    sigma_y: float,
+    steps: int,
+    seed: int,
+    budget: int,
+    **kw: Any,
+) -> Tensor:
+    """``sampler.run`` on the rows of ``y`` with per-sample seeds ``seed + i``; a sampler
+    with independent rows runs in pieces of at most ``budget`` rows x particles (the same
+    rows, bit for bit: each piece gets its own rows' seeds)."""
+    n = y.shape[0]
     rows = n
-    if sampler.rows_independent:  # pieces of at most ROW_BUDGET elements per state tensor
-        rows = max(1, min(n, ROW_BUDGET // (int(getattr(sampler, "particles", 1)) * p.d)))
-    y = p.y.reshape(1, -1)
+    if sampler.rows_independent:
+        rows = max(1, min(n, budget // int(getattr(sampler, "particles", 1))))
     pieces = []
     for i0 in range(0, n, rows):
         i1 = min(n, i0 + rows)
+        noise = seed if rows == n else list(range(seed + i0, seed + i1))
+        part = y[i0:i1].contiguous()
         pieces.append(
             sampler.run(
-                p.prior,
-                p.operator,
-                y.expand(i1 - i0, -1).contiguous(),
-                p.sigma_y,
-                steps=steps,
-                noise=seed if rows == n else list(range(seed + i0, seed + i1)),
-                dtype=torch.float64,
-                stats=stats,
-                progress=False,
+                model, operator, part, sigma_y, steps=steps, noise=noise, progress=False, **kw
             )
         )
-    x = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-    return x, {"nfe": sampler.nfe(steps), "nfe_used": stats.get("nfe")}
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def _sw(x: Tensor, ref: Tensor, n_projections: int, seed: int) -> float:
@@ -563,15 +579,10 @@ def _image_run(imgs: _Images, task: str, method: str, steps: int, setting: dict,
     sampler = get_sampler(method, **setting)
     y = imgs.measurement(task, split)
     start = time.perf_counter()
-    x = sampler.run(
-        imgs.model,
-        imgs.operator(task),
-        y,
-        imgs.cfg["image_sigma"],
-        steps=steps,
-        noise=0 if split == "heldout" else 1 << 20,
-        progress=False,
-    )
+    x = _run_in_pieces(
+        sampler, imgs.model, imgs.operator(task), y, imgs.cfg["image_sigma"], steps,
+        0 if split == "heldout" else 1 << 20, IMAGE_ROW_BUDGET,
+    )  # fmt: skip
     return x, sampler.nfe(steps), time.perf_counter() - start
 
 
