@@ -429,15 +429,10 @@ def test_flowchef_lands_near_the_posterior_mean(single_thread):
 
 
 # ---------------------------------------------------------------- DAPS
-def test_daps_langevin_samples_the_gaussian_product(single_thread):
-    """The Langevin kernel targets ``N(x0; x0_hat, r^2 I) N(y; A x0, tau^2 I)``, Gaussian
-    with precision ``P = I / r^2 + A^T A / tau^2`` (eigenvalues 2.0 to 3.7 here: the data
-    factor matters) and mean ``P^-1 (x0_hat / r^2 + A^T y / tau^2)``. 500 steps of 5e-3 (the
-    stiffest direction moves 2% per step: an O(step) variance bias of about 1%; the slowest
-    forgets its start 5 time constants over); 3,000 chains: means within 5 standard errors,
-    variances within 10% (their standard error is 2.6%)."""
-    process, batch, r, tau = edm(), 3000, 0.7, 0.5  # EDM: st = t, so r = r_scale * t
-    prior = Gaussian(torch.zeros(3), torch.eye(3), process=process)
+def _daps_level(batch: int, r: float, tau: float):
+    """One DAPS level at ``r_t = r`` (EDM: ``st = t``): a 3-d standard Gaussian prior, two
+    compressed-sensing measurements, likelihood std ``tau`` and a fixed ``x0_hat``."""
+    prior = Gaussian(torch.zeros(3), torch.eye(3), process=edm())
     op = CompressedSensing((3,), 2, seed=1)
     y = torch.tensor([[0.7, -0.4]], dtype=F64)
     p = Problem(
@@ -449,6 +444,18 @@ def test_daps_langevin_samples_the_gaussian_product(single_thread):
         as_noise_source(torch.Generator().manual_seed(0), batch),
     )
     x0_hat = torch.tensor([0.5, 0.0, -0.5], dtype=F64).expand(batch, -1)
+    return p, op, y, x0_hat
+
+
+def test_daps_langevin_samples_the_gaussian_product(single_thread):
+    """The Langevin kernel targets ``N(x0; x0_hat, r^2 I) N(y; A x0, tau^2 I)``, Gaussian
+    with precision ``P = I / r^2 + A^T A / tau^2`` (eigenvalues 2.0 to 3.7 here: the data
+    factor matters) and mean ``P^-1 (x0_hat / r^2 + A^T y / tau^2)``. 500 steps of 5e-3 (the
+    stiffest direction moves 2% per step: an O(step) variance bias of about 1%; the slowest
+    forgets its start 5 time constants over); 3,000 chains: means within 5 standard errors,
+    variances within 10% (their standard error is 2.6%)."""
+    batch, r, tau = 3000, 0.7, 0.5
+    p, op, y, x0_hat = _daps_level(batch, r, tau)
     sampler = DAPS(langevin_steps=500, lr=5e-3, lr_min_ratio=1.0)
     x = sampler.langevin(p, x0_hat, 0, p.sigma_y)
     a = op.matrix()
@@ -468,19 +475,8 @@ def test_daps_exact_inner_samples_the_gaussian_product(single_thread, r):
     likelihood alone on the row space and ``x0_hat`` on the null space. 4,000 draws: means
     within 5 standard errors, variances within 12% (standard error 2.2%), and the null-space
     part of a flat-prior draw is ``x0_hat``'s to rounding."""
-    process, batch, tau = edm(), 4000, 0.5
-    prior = Gaussian(torch.zeros(3), torch.eye(3), process=process)
-    op = CompressedSensing((3,), 2, seed=1)
-    y = torch.tensor([[0.7, -0.4]], dtype=F64)
-    p = Problem(
-        prior,
-        op,
-        y.expand(batch, -1).clone(),
-        torch.full((batch,), tau, dtype=F64),
-        torch.tensor([r], dtype=F64),
-        as_noise_source(torch.Generator().manual_seed(0), batch),
-    )
-    x0_hat = torch.tensor([0.5, 0.0, -0.5], dtype=F64).expand(batch, -1)
+    batch, tau = 4000, 0.5
+    p, op, y, x0_hat = _daps_level(batch, r, tau)
     x = DAPS(inner="exact").exact(p, x0_hat, 0, p.sigma_y)
     a = op.matrix()
     if math.isinf(r):
