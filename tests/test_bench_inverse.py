@@ -285,3 +285,10 @@ def test_rows_run_in_pieces_give_the_same_samples(monkeypatch):
     monkeypatch.setattr(inv, "ROW_BUDGET", 8 * 8 * 7)  # pieces of 7 rows
     pieces, _ = inv._run_gmm("mcgdiff", {"particles": 8}, p, 40, 4)
     assert torch.equal(whole, pieces)
+
+
+def test_a_cell_with_two_settings_reports_the_one_tuned_from_more_candidates():
+    old = {"setting": {"a": 1}, "candidates": 7, "tune_ratio": 2.0, "problem": 0, "sw": 4.0}
+    new = {"setting": {"a": 2}, "candidates": 8, "tune_ratio": 3.0, "problem": 0, "sw": 1.0}
+    assert inv._current_setting([old, dict(new, problem=1), new]) == [dict(new, problem=1), new]
+    assert inv._current_setting([old]) == [old]

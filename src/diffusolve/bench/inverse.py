@@ -919,6 +919,23 @@ def _mean(vals: list[float]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
+def _current_setting(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of one setting: where a cell holds results of several (a search space
+    that grew since a merged run was tuned), the one chosen from the most candidates (then
+    by its tuning score); never a mean over settings."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in recs:
+        groups.setdefault(json.dumps(r.get("setting"), sort_keys=True), []).append(r)
+    if len(groups) <= 1:
+        return recs
+
+    def rank(g: list[dict[str, Any]]) -> tuple[float, float]:
+        tr = g[0].get("tune_ratio")
+        return (-float(g[0].get("candidates") or 0), float(tr) if tr is not None else math.inf)
+
+    return min(groups.values(), key=rank)
+
+
 def result_from_records(store: RecordStore, meta: dict[str, Any]) -> dict[str, Any]:
     """The JSON-ready result from a run's records, in plan order whatever the file order.
 
@@ -960,6 +977,7 @@ def result_from_records(store: RecordStore, meta: dict[str, Any]) -> dict[str, A
                         for r in store.select(phase="gmm", task=task, method=m, steps=steps)
                         if isinstance(r.get("problem"), int) and r["problem"] < meta["problems"]
                     ]
+                    recs = _current_setting(recs)
                     recs.sort(key=lambda r: r["problem"])
                     for r in recs:
                         gmm.append(_public(r))
