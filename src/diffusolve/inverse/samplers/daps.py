@@ -171,6 +171,8 @@ class DAPS(PosteriorSampler):
                     f"{worst - 1.0:.3g}^{self.langevin_steps}: use lr < {limit:.3g} or a "
                     "larger tau="
                 )
+        if self.inner == "exact":  # U^T y once: the measurement is fixed over the levels
+            return tau, p.operator.svd().Ut(p.y)
         return tau
 
     def x0_hat(self, p: Problem, x: Tensor, i: int) -> Tensor:
@@ -205,8 +207,11 @@ class DAPS(PosteriorSampler):
             x0 = x0_hat + keep * (x0 - x0_hat) + spread * p.randn(x0)
         return x0
 
-    def exact(self, p: Problem, x0_hat: Tensor, i: int, tau: Tensor) -> Tensor:
-        """One exact draw (per sample) from the Langevin chain's Gaussian target."""
+    def exact(
+        self, p: Problem, x0_hat: Tensor, i: int, tau: Tensor, uty: Tensor | None = None
+    ) -> Tensor:
+        """One exact draw (per sample) from the Langevin chain's Gaussian target (``uty``:
+        ``U^T y``, computed here when not given)."""
         svd = p.operator.svd()
         r = self.r_scale * p.st(i)
         dt = x0_hat.dtype
@@ -214,7 +219,7 @@ class DAPS(PosteriorSampler):
         k = s.numel()
         c = svd.Vt(x0_hat)
         z = svd.Vt(p.randn(x0_hat))  # V^T of per-sample N(0, I) noise: N(0, I) again
-        yb = svd.Ut(p.y).to(dt)
+        yb = (svd.Ut(p.y) if uty is None else uty).to(dt)
         t2 = (tau.to(dt) ** 2)[:, None]
         if math.isinf(r):  # flat prior factor: the likelihood alone on the row space
             mean, var = yb / s, t2 / s**2
@@ -228,7 +233,7 @@ class DAPS(PosteriorSampler):
     def step(self, p: Problem, x: Tensor, i: int, state: Any) -> tuple[Tensor, Any]:
         x0_hat = self.x0_hat(p, x, i)
         if self.inner == "exact":
-            x0 = self.exact(p, x0_hat, i, state)
+            x0 = self.exact(p, x0_hat, i, *state)
         else:
             x0 = self.langevin(p, x0_hat, i, state)
         a_s, s_s = p.alpha[i + 1], p.sigma[i + 1]
