@@ -151,6 +151,46 @@ def test_a_batch_never_changes_a_sample(name, single_thread):
     torch.testing.assert_close(batch[1:2], alone, rtol=1e-9, atol=1e-10)
 
 
+_SEARCHED = [
+    (name, option, value)
+    for name in NAMES
+    for option, values in SAMPLERS[name].SEARCH.items()
+    for value in values
+    if value != getattr(get_sampler(name), option)
+]
+
+
+@pytest.mark.parametrize(("name", "option", "value"), _SEARCHED)
+def test_every_searched_option_changes_the_result(name, option, value, single_thread):
+    """Each value the bench tunes over is a different sampler (a pitfall: an option that a
+    formula cancels, so the tuning grid silently compares the defaults with themselves).
+    The problem is one where every option can act: d = 8 with 7 measurements (more Krylov
+    directions than the default CG iterations), a prior far from the origin and 16
+    particles (the weighted start of the particle filters changes which particles are
+    drawn), one measurement shared by the batch (their pooled filters), and for RePaint
+    enough steps to jump back and a resampling pass for the jump length to act on."""
+    mean = torch.linspace(-12.0, 12.0, 8, dtype=F64)
+    prior = Gaussian(mean, torch.eye(8, dtype=F64), process=ddpm())
+    opts = {**CHEAP.get(name, {}), **({"particles": 16} if name in ("mcgdiff", "tds") else {})}
+    steps = 6
+    if name == "repaint":
+        op = Inpainting(torch.tensor([1.0, 0, 1, 1, 0, 1, 0, 1]), (8,))
+        steps = 12
+        if option == "jump_length":  # without resampling passes the jump length is unused
+            opts["jump_n_sample"] = 2
+    else:
+        op = CompressedSensing((8,), 7, seed=2)
+    x = prior.sample(1, torch.Generator().manual_seed(3))
+    y = op(x).expand(3, -1)
+    base = get_sampler(name, **opts)
+    other = base.replace(**{option: value})
+    kw = {"steps": steps, "noise": [10, 11, 12], "dtype": F64}
+    a = base.run(prior, op, y, 0.1, **kw)
+    b = other.run(prior, op, y, 0.1, **kw)
+    assert torch.all(torch.isfinite(b))
+    assert (a - b).abs().max() > 1e-6, f"{name}: {option}={value!r} gives the default's result"
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_nfe_is_what_the_sampler_declares(name, single_thread):
     prior = _prior()
@@ -258,6 +298,24 @@ def test_dds_noiseless_estimate_fits_the_measurement():
     torch.testing.assert_close(out @ a.T, y.expand(2, 2), rtol=1e-8, atol=1e-8)
     null = torch.eye(4, dtype=F64) - torch.linalg.pinv(a) @ a
     torch.testing.assert_close(out @ null, x0 @ null, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("gamma", [0.1, 10.0])
+def test_dds_noisy_estimate_solves_its_weighted_problem(gamma):
+    """DDS's noisy subproblem, (I + gamma A^T A) x = x0_hat + gamma A^T y: with enough
+    conjugate-gradient iterations the result is its closed-form solution, so the data
+    weight gamma matters (an earlier version scaled both sides by gamma, which cancelled)."""
+    prior, op, y = _cs_problem(0.2)
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(6), dtype=F64)
+    t = 300.0
+    out = get_sampler("dds", gamma=gamma, cg_iters=10).run(
+        prior, op, y.expand(2, 2), 0.2, x=x, grid=torch.tensor([t], dtype=F64), dtype=F64
+    )
+    x0 = prior(x, t)
+    a = op.matrix()
+    lhs = torch.eye(4, dtype=F64) + gamma * a.T @ a
+    expected = torch.linalg.solve(lhs, (x0 + gamma * y @ a).T).T
+    torch.testing.assert_close(out, expected, rtol=1e-8, atol=1e-8)
 
 
 # ---------------------------------------------------------------- exact posteriors

@@ -58,7 +58,7 @@ class DDS(PosteriorSampler):
         "Problems. ICLR 2024."
     )
     SEARCH: ClassVar[dict[str, tuple[Any, ...]]] = {
-        "gamma": (0.1, 1.0, 10.0, 100.0),
+        "gamma": (0.1, 1.0, 10.0, 100.0, 1000.0),
         "cg_iters": (1, 5, 20),
         "eta": (0.0, 0.85, 1.0),
     }
@@ -70,14 +70,15 @@ class DDS(PosteriorSampler):
 
     def consistent(self, p: Problem, x0: Tensor) -> Tensor:
         op = p.operator
-        noisy = (p.sigma_y > 0).to(x0.dtype)
-        w = p.col(noisy * self.gamma, x0)
+        noisy = p.col((p.sigma_y > 0).to(x0.dtype), x0)
+        # one system for both cases: noisy rows (I + gamma A^T A) x = x0 + gamma A^T y,
+        # noiseless rows A^T A x = A^T y (``c`` the weight of the data term on each row)
+        c = noisy * self.gamma + (1 - noisy)
 
-        # one system for both cases: noisy rows (I + gamma A^T A), noiseless rows A^T A
         def apply(v: Tensor) -> Tensor:
-            return w * v + (w + (1 - p.col(noisy, x0))) * op.normal(v)
+            return noisy * v + c * op.normal(v)
 
-        rhs = w * x0 + (w + (1 - p.col(noisy, x0))) * op.At(p.y)
+        rhs = noisy * x0 + c * op.At(p.y).to(x0.dtype)
         return batched_cg(apply, rhs, x0, max_iter=self.cg_iters)
 
     def step(self, p: Problem, x: Tensor, i: int, state: Any) -> tuple[Tensor, Any]:

@@ -111,7 +111,7 @@ class REDDiff(PosteriorSampler):
         "with Diffusion Models. ICLR 2024."
     )
     SEARCH: ClassVar[dict[str, tuple[Any, ...]]] = {
-        "lr": (0.01, 0.03, 0.1, 0.3),
+        "lr": (0.01, 0.03, 0.1, 0.3, 1.0),
         "lambda_": (0.05, 0.1, 0.25, 0.5, 1.0),
     }
 
