@@ -58,7 +58,7 @@ class DDS(PosteriorSampler):
         "Problems. ICLR 2024."
     )
     SEARCH: ClassVar[dict[str, tuple[Any, ...]]] = {
-        "gamma": (0.1, 1.0, 10.0, 100.0, 1000.0),
+        "gamma": (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0),
         "cg_iters": (1, 5, 20),
         "eta": (0.0, 0.85, 1.0),
     }

@@ -93,7 +93,7 @@ class FlowChef(PosteriorSampler):
         "Controlled Generations. ICCV 2025 (arXiv:2412.00100)."
     )
     SEARCH: ClassVar[dict[str, tuple[Any, ...]]] = {
-        "step_size": (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0),
+        "step_size": (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0),
     }
 
     def __post_init__(self) -> None:

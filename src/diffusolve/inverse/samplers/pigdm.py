@@ -65,7 +65,7 @@ class PiGDM(PosteriorSampler):
     )
     SEARCH: ClassVar[dict[str, tuple[Any, ...]]] = {
         "eta": (0.0, 0.5, 1.0),
-        "weight": (0.25, 0.5, 1.0, 2.0),
+        "weight": (0.25, 0.5, 1.0, 2.0, 4.0),
     }
 
     def __post_init__(self) -> None:
