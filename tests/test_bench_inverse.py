@@ -292,3 +292,32 @@ def test_a_cell_with_two_settings_reports_the_one_tuned_from_more_candidates():
     new = {"setting": {"a": 2}, "candidates": 8, "tune_ratio": 3.0, "problem": 0, "sw": 1.0}
     assert inv._current_setting([old, dict(new, problem=1), new]) == [dict(new, problem=1), new]
     assert inv._current_setting([old]) == [old]
+
+
+def test_the_report_takes_the_setting_the_current_search_space_picks():
+    """Records merged from runs tuned over different grids: the report re-picks the cell's
+    setting from the tuning records of today's candidates, even when an older, smaller
+    run's records are the ones it picks (a count of candidates alone would prefer the run
+    in between)."""
+    from diffusolve.bench.runner import RecordStore
+
+    meta = {"strategy": "one-at-a-time", "image_tune": "one-at-a-time", "max_candidates": 16}
+    meta["tune_problems"] = 2
+    cands = inv._cands(meta, "dps", "gmm")
+    store = RecordStore(None, bench=inv.BENCH, key_fields=inv.KEY_FIELDS)
+    best = cands[2]
+    for c in cands:
+        for j in range(2):
+            ratio = 1.0 if c == best else 5.0 + j
+            key = inv._key("tune", "gmm-d8-dy1", "dps", 20, inv._problem_id(j, True), c)
+            store.append({**key, "ratio": ratio}, write=False)
+    assert inv._tuned_setting(store, meta, "gmm-d8-dy1", "dps", 20, "gmm") == best
+    assert inv._tuned_setting(store, meta, "gmm-d8-dy2", "dps", 20, "gmm") is None  # untuned
+    old = {"setting": best, "candidates": 5, "problem": 0, "sw": 4.0}
+    mid = {"setting": cands[1], "candidates": 6, "problem": 0, "sw": 1.0}
+    assert inv._current_setting([old, mid], best) == [old]
+    assert inv._current_setting([old, mid], None) == [mid]
+    for c in inv._cands(meta, "dps", "image"):
+        key = inv._key("image-tune", "sr4", "dps", 20, "train", c)
+        store.append({**key, "psnr": 30.0 if c == best else 20.0}, write=False)
+    assert inv._tuned_setting(store, meta, "sr4", "dps", 20, "image") == best

@@ -919,15 +919,44 @@ def _mean(vals: list[float]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def _current_setting(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _tuned_setting(
+    store: RecordStore, meta: dict[str, Any], task: str, method: str, steps: int, part: str
+) -> dict | None:
+    """The setting that the current search space picks from the finished tuning records of
+    a cell, as the run's plan picks it; ``None`` when the method is not tuned or a
+    candidate's tuning is missing."""
+    cands = _cands(meta, method, part)
+    if len(cands) < 2:
+        return None
+    if part == "gmm":
+        keys = [
+            [
+                _key("tune", task, method, steps, _problem_id(j, True), c)
+                for j in range(meta["tune_problems"])
+            ]
+            for c in cands
+        ]
+    else:
+        keys = [[_key("image-tune", task, method, steps, "train", c)] for c in cands]
+    if any(store.get(k) is None for ks in keys for k in ks):
+        return None
+    return _pick(store, keys, cands, higher=part != "gmm")[0]
+
+
+def _current_setting(recs: list[dict[str, Any]], tuned: dict | None = None) -> list[dict[str, Any]]:
     """The records of one setting: where a cell holds results of several (a search space
-    that grew since a merged run was tuned), the one chosen from the most candidates (then
-    by its tuning score); never a mean over settings."""
+    that grew since a merged run was tuned), the one the current search space picks from
+    the tuning records (``tuned``), else the one chosen from the most candidates (then by
+    its tuning score); never a mean over settings."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in recs:
         groups.setdefault(json.dumps(r.get("setting"), sort_keys=True), []).append(r)
     if len(groups) <= 1:
         return recs
+    if tuned is not None:
+        mine = groups.get(json.dumps(tuned, sort_keys=True))
+        if mine:
+            return mine
 
     def rank(g: list[dict[str, Any]]) -> tuple[float, float]:
         tr = g[0].get("tune_ratio")
@@ -977,7 +1006,9 @@ def result_from_records(store: RecordStore, meta: dict[str, Any]) -> dict[str, A
                         for r in store.select(phase="gmm", task=task, method=m, steps=steps)
                         if isinstance(r.get("problem"), int) and r["problem"] < meta["problems"]
                     ]
-                    recs = _current_setting(recs)
+                    recs = _current_setting(
+                        recs, _tuned_setting(store, meta, task, m, steps, "gmm")
+                    )
                     recs.sort(key=lambda r: r["problem"])
                     for r in recs:
                         gmm.append(_public(r))
@@ -1019,6 +1050,8 @@ def result_from_records(store: RecordStore, meta: dict[str, Any]) -> dict[str, A
                     continue
                 recs = store.select(phase="image", task=task, method=m, steps=steps)
                 if recs:
+                    tuned = _tuned_setting(store, meta, task, m, steps, "image")
+                    recs = _current_setting(recs, tuned)
                     images.append(_public(recs[-1]))
     return {
         "bench": BENCH,
