@@ -420,12 +420,38 @@ def test_flowchef_lands_near_the_posterior_mean(single_thread):
     the prior mean and the exact posterior mean (about 90% measured)."""
     prior, op, y, sigma_y = gaussian6(rectified_flow())
     post = prior.posterior(op, y, sigma_y)
-    x = FlowChef(step_size=0.3).run(
+    step = 0.3 * op.norm() ** 2  # an absolute step of 0.3, in operator units
+    x = FlowChef(step_size=step).run(
         prior, op, y.expand(300, -1), sigma_y, steps=50, noise=torch.Generator().manual_seed(0)
     )
     assert mean_error_ratio(x, prior, post) < 0.2
     # it fits y to within y's own noise (norm about sqrt(3) * 0.1)
     assert float((op(x) - y).norm(dim=1).max()) < math.sqrt(3) * sigma_y
+
+
+def test_flowchef_operator_step_units_make_the_step_scale_free(single_thread):
+    """In operator units the step is ``step_size / ||A||^2``: scaling the operator and the
+    measurement by ``c`` (the data term's gradient by ``c^2``) leaves the result unchanged,
+    and a run equals the absolute rule with the step divided by ``||A||^2``."""
+    from diffusolve.inverse import MatrixOperator
+
+    prior, op, y, sigma_y = gaussian6(rectified_flow())
+    m = op.matrix()
+    x_t = torch.randn(3, 6, generator=torch.Generator().manual_seed(4), dtype=F64)
+    kw = {"steps": 10, "x": x_t}
+    base = FlowChef(step_size=0.5).run(prior, op, y.expand(3, -1), sigma_y, **kw)
+    for c in (0.25, 3.0):
+        scaled = MatrixOperator(c * m, (6,))
+        got = FlowChef(step_size=0.5).run(prior, scaled, c * y.expand(3, -1), sigma_y, **kw)
+        torch.testing.assert_close(got, base, rtol=1e-9, atol=1e-9)
+    norm2 = float(torch.linalg.matrix_norm(m, ord=2)) ** 2
+    absolute = FlowChef(step_size=0.5 / norm2, step_units="absolute")
+    torch.testing.assert_close(
+        absolute.run(prior, op, y.expand(3, -1), sigma_y, **kw), base, rtol=1e-9, atol=1e-9
+    )
+    assert FlowChef(step_units="absolute").step_scale(op) == 1.0
+    with pytest.raises(ValueError, match="step_units"):
+        FlowChef(step_units="pixels")
 
 
 # ---------------------------------------------------------------- DAPS
