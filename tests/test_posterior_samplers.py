@@ -377,6 +377,38 @@ def test_ddrm_adds_the_noise_level_it_tells_the_denoiser(single_thread):
         torch.testing.assert_close(std, torch.full_like(std, st), rtol=0.06, atol=0.0)
 
 
+def _log_levels(process, times):
+    return torch.log(process.sigma_tilde(times))
+
+
+def test_mcgdiff_grid_holds_the_measurement_levels_and_keeps_its_spacing():
+    """MCGdiff moves grid levels onto the measurement levels ``sigma_y / s_i``. With a few
+    levels each one becomes a grid level; with more levels than grid levels (a blur, a
+    dense matrix) only a level bracketing each one moves, so the grid keeps its spacing
+    (an earlier rule moved the nearest free level however far, crowding the grid where the
+    measurement levels crowd: a 20-step deblur of the digits then fell to 8 dB)."""
+    from diffusolve.inverse import MatrixOperator
+    from diffusolve.process import make_grid
+
+    proc = ddpm()
+    m = get_sampler("mcgdiff")
+    sy = torch.tensor([0.05], dtype=F64)
+    q, _ = torch.linalg.qr(
+        torch.randn(60, 60, generator=torch.Generator().manual_seed(0), dtype=F64)
+    )
+    few = MatrixOperator(torch.diag(torch.tensor([1.0, 0.3, 0.09], dtype=F64)), (3,))
+    times = m.times(proc, 20, few, sy)
+    levels = _log_levels(proc, times)
+    for v in (0.05, 0.05 / 0.3, 0.05 / 0.09):
+        assert float((levels - math.log(v)).abs().min()) < 1e-9
+    many = MatrixOperator(q * torch.linspace(0.02, 1.0, 60, dtype=F64), (60,))
+    times = m.times(proc, 20, many, sy)
+    assert len(times) == 20 and torch.all(times[1:] < times[:-1])
+    base = make_grid(proc, 19, m.grid_kind, t_end=float(times[-1]))
+    gap = lambda lv: float((lv[:-1] - lv[1:]).max())  # noqa: E731
+    assert gap(_log_levels(proc, times)) < 1.5 * gap(_log_levels(proc, base))
+
+
 def test_mcgdiff_approaches_the_exact_posterior_with_particles(single_thread):
     """MCGdiff is asymptotically exact (for the model's backward chain) as particles grow:
     its mean and covariance match the exact posterior within the sample-size tolerance."""

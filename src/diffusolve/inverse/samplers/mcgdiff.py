@@ -150,18 +150,23 @@ class MCGdiff(PosteriorSampler):
         lowest = min(targets[-1], float(process.sigma_tilde(base[-1])))
         t_end = float(process.t_of_sigma_tilde(torch.tensor(lowest, dtype=torch.float64)))
         times = make_grid(process, steps - 1, self.grid_kind, t_end=t_end)
-        # ... and the nearest levels (in log noise) move onto the other measurement levels
+        # ... and a level next to each other measurement level (one of the two that bracket
+        # it, in log noise) moves onto it; a level moves once, so with more measurement
+        # levels than grid levels the rest fall between levels (the "land" case of the step)
+        # and the grid keeps its spacing (moving farther levels crowds the grid where the
+        # measurement levels crowd and leaves long steps elsewhere)
         log_levels = torch.log(process.sigma_tilde(times))
         used = {0, steps - 1}
         for n_j in targets:
-            dist = (log_levels - math.log(n_j)).abs()
+            target = math.log(n_j)
+            dist = (log_levels - target).abs()
             if any(float(dist[k]) < 1e-9 for k in used):
                 continue  # already a grid level (the last one)
-            for k in used:
-                dist[k] = math.inf
-            k = int(torch.argmin(dist))
-            if math.isinf(float(dist[k])):
-                break
+            below = int(torch.count_nonzero(log_levels > target))  # levels descend
+            free = [k for k in (below - 1, below) if 0 <= k < len(times) and k not in used]
+            if not free:
+                continue
+            k = min(free, key=lambda j: float(dist[j]))
             used.add(k)
             times[k] = process.t_of_sigma_tilde(torch.tensor(n_j, dtype=torch.float64))
         times = torch.sort(times, descending=True).values
