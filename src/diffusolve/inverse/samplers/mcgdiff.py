@@ -15,8 +15,12 @@ has the law of the forward-noised coordinate at the level ``st = n_j``: conditio
 * below ``tau_j``, and for the coordinates ``A`` does not see, the backward kernel alone.
 
 The evaluation times are those of the sampler's grid with the levels ``n_j`` put on it
-(the nearest grid levels are moved onto them, down to the process's smallest noise level),
-so every ``tau_j`` is a grid level; levels below the process's smallest noise level are
+(for each, one of the two grid levels that bracket it moves onto it, down to the process's
+smallest noise level), so every ``tau_j`` is a grid level while there are fewer
+measurement levels than grid levels; with more (a blur, a dense matrix at few steps) a
+level moves once and the others fall between grid levels, where a coordinate is set to
+its measurement at the step that crosses its level; levels below the process's smallest
+noise level are
 handled by the last step (the observation times a Gaussian
 ``x0`` of variance ``r_t^2``), coordinates noisier than the start level are ignored (their
 measurement carries no information at that noise). Particles are resampled when the
