@@ -113,6 +113,10 @@ def test_heldout_status_rules():
     assert bs.heldout_status(sch(model="digits", data=net), "digits-unet", 0)["heldout"] is True
     # bench seed 4999 starts from seed 5000: the search's own starts
     assert bs.heldout_status(sch(model="digits", data=net), "digits-unet", 4999)["heldout"] is False
+    # nor may it have seen the bench's FD starts (seed + 3)
+    fd = "digits: FD-digits proxy, calibration 512 starts (seed 3); held out: seed 3"
+    status = bs.heldout_status(sch(model="digits", data=fd), "digits-unet", 0)
+    assert status["heldout"] is False and "3" in status["note"]
     # a schedule searched on another task never saw this one
     other = bs.heldout_status(sch(model="gmm-d64-vp", data="x seeds 0..9"), "gmm-d2-vp", 0)
     assert other["heldout"] is True and "transfer" in other["note"]
@@ -182,7 +186,7 @@ def test_fd_digits_on_the_network_task_plumbing(monkeypatch, tmp_path):
     monkeypatch.setattr(models, "fd_digits", fake_fd)
     monkeypatch.setattr(models, "fd_digits_noise_floor", lambda n: 0.25)
     path = _schedule(tmp_path / "s.json", model="gmm-d64-vp")
-    out = _run([str(path)], fd_samples=12, records=tmp_path / "r.jsonl")
+    out = _run([str(path)], fd_samples=12, records=tmp_path / "r.jsonl", fd_only=[])
     vp = [r for r in out["records"] if r["task"] == "gauss-d2-vp"]
     assert all(r["fd_samples"] == 12 and r["fd_digits"] > 0 for r in vp if r["rel_error"])
     assert seen and all(s == (12, 2) for s in seen)
@@ -192,5 +196,54 @@ def test_fd_digits_on_the_network_task_plumbing(monkeypatch, tmp_path):
     assert "FD-digits" in markdown_tables(out)
     assert all("fd_digits" not in r for r in out["records"] if r["task"] == "gauss-d2-rf")
     # resumed: nothing re-runs, the same result
-    again = _run([str(path)], fd_samples=12, records=tmp_path / "r.jsonl", resume=True)
+    again = _run([str(path)], fd_samples=12, records=tmp_path / "r.jsonl", resume=True, fd_only=[])
     assert again["meta"]["records_run"] == 0 and again["records"] == out["records"]
+
+
+def test_fd_only_samplers_plumbing(monkeypatch, tmp_path):
+    """Stochastic solvers and DPM-OT run on the network task by FD-digits alone, with their
+    memorisation figures; a stochastic solver joins the fixed-schedule baseline, DPM-OT
+    only "ours, any method". A Gaussian task stands in for the network, its own data for
+    the digits and a stub for the metric."""
+    import diffusolve.bench.samplers_fd as sf
+    import diffusolve.models as models
+
+    monkeypatch.setattr(bs, "_is_network", lambda name: name == "gauss-d2-vp")
+    monkeypatch.setattr(models, "fd_digits", lambda x: float(x.double().pow(2).mean()))
+    monkeypatch.setattr(models, "fd_digits_noise_floor", lambda n: 0.25)
+    monkeypatch.setattr(sf, "DPM_OT_FIT", {"iters": 30})
+    monkeypatch.setattr(sf, "GUARD_SAMPLES", 16)
+    data = build_task("gauss-d2-vp", 40).data.float()
+    monkeypatch.setattr(sf._Memo, "data", lambda self: (data, 0.5))
+    kw = dict(fd_samples=12, records=tmp_path / "r.jsonl", fd_only=["ddpm", "dpm_ot"])
+    with pytest.raises(ValueError, match="unknown FD-only"):
+        _run([], fd_samples=12, fd_only=["nope"])
+    out = _run([], **kw)
+    recs = {r["method"]: r for r in out["fd_only"]}
+    assert set(recs) == {"ddpm", "dpm_ot"} and all(
+        r["task"] == "gauss-d2-vp" for r in recs.values()
+    )
+    ddpm, ot = recs["ddpm"], recs["dpm_ot"]
+    assert ddpm["kind"] == "stochastic solver" and ddpm["nfe_used"] == 5
+    assert ddpm["fd_samples"] == 12 and ddpm["fd_digits"] > 0 and ddpm["rel_error"] is None
+    assert ddpm["median_nn_train"] > 0 and ddpm["heldout_median_nn_train"] == 0.5
+    assert ot["kind"] == "trajectory sampler" and ot["nfe_used"] == 5, ot.get("note")
+    chosen = [g for g in ot["guard"] if g["t_late"] == ot["t_late"]]
+    assert len(chosen) == 1 and 0 < ot["distinct_fraction"] <= 1
+    # the guard tries the latest level first and stops at the first that passes
+    assert [g["passed"] for g in ot["guard"][:-1]] == [False] * (len(ot["guard"]) - 1)
+    row = next(x for x in out["summary"] if x["task"] == "gauss-d2-vp")
+    fds = {"ddim": None, **{m: r["fd_digits"] for m, r in recs.items()}}
+    fds["ddim"] = next(
+        r["fd_digits"]
+        for r in out["records"]
+        if r["task"] == "gauss-d2-vp" and r["library"] == "diffusolve"
+    )
+    fixed = min(v for m, v in fds.items() if m != "dpm_ot")
+    assert row["fd_any"] == pytest.approx(min(fds.values()))
+    assert row["fd_fixed"] <= fixed + 1e-12
+    table = markdown_tables(out)
+    assert "ddpm (stochastic solver; FD only)" in table and "dpm_ot (trajectory sampler" in table
+    assert "ours, any method" in fd_summary_table(out["summary"])
+    again = _run([], **{**kw, "resume": True})
+    assert again["meta"]["records_run"] == 0 and again["fd_only"] == out["fd_only"]

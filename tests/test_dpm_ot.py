@@ -158,3 +158,40 @@ def test_memorisation_table() -> None:
     assert rows[2].frac_within_radius < 0.1
     assert abs(rows[2].median_nn_train - rows[0].median_nn_train) < 0.3 * rows[0].median_nn_train
     assert "| copies | 100 |" in format_memorisation_table(rows)
+
+
+def test_select_t_late_takes_the_latest_level_that_passes_the_guard() -> None:
+    """At a late level the samples are the data points again (the guard fails); the choice
+    is the first level, latest first, whose samples are as far from the data as the data's
+    own leave-one-out neighbours, else the earliest; maps are cached between calls."""
+    from diffusolve.models import Gaussian
+    from diffusolve.sampling import distinct_fraction, select_t_late
+
+    g = torch.Generator().manual_seed(3)
+    data = torch.randn(40, 4, generator=g, dtype=torch.float64)
+    # a model three times wider than the data: from an early level its samples are new
+    # points, farther from the data than the data's own neighbours (the guard passes)
+    eye = torch.eye(4, dtype=torch.float64)
+    prior = Gaussian(torch.zeros(4, dtype=torch.float64), 9 * eye, process=PROCESS)
+    maps: dict = {}
+    lines: list[str] = []
+    fit = {"iters": 200, "eval_samples": 5000}
+    kw = dict(n=64, seed=1, fit_options=fit, maps=maps, log=lines.append)
+    m, rows = select_t_late(prior, data, 3, fractions=(0.05, 0.97), **kw)
+    guard = float(nn_distances(data, data, exclude_self=True).median())
+    assert [r["fraction"] for r in rows][0] == 0.97 and len(lines) == len(rows)
+    late = rows[0]
+    assert not late["passed"] and late["median_nn"] < 0.3 * guard  # copies of the data
+    assert all(r["guard"] == pytest.approx(guard) for r in rows)
+    assert rows[-1]["passed"] and m.t_late == rows[-1]["t_late"] and len(rows) == 2
+    assert len(maps) == len(rows)
+    cached = dict(maps)
+    m2, rows2 = select_t_late(prior, data, 3, fractions=(0.05, 0.97), **kw)
+    assert all(maps[k] is cached[k] for k in cached) and rows2 == rows
+    assert torch.equal(m2.psi, m.psi)
+    # only failing levels: the earliest is returned
+    m3, rows3 = select_t_late(prior, data, 3, fractions=(0.97, 0.98), **kw)
+    assert not any(r["passed"] for r in rows3) and m3.t_late == rows3[-1]["t_late"]
+    with pytest.raises(ValueError, match="fractions"):
+        select_t_late(prior, data, 3, fractions=(1.5,))
+    assert distinct_fraction(torch.tensor([0, 1, 1, 2])) == 0.75

@@ -322,6 +322,11 @@ def test_shipped_schedules_load_and_run():
         task, nfe, what = m.group(1), int(m.group(2)), m.group(3)
         sch = load_shipped(name)
         assert sch.nfe == nfe, name
+        if what.endswith("_fd"):  # fitted on the FD proxy, not on a reference solve
+            what = what[: -len("_fd")]
+            assert sch.info.get("proxy_kind") == "fd", name
+        else:
+            assert sch.info.get("proxy_kind", "ref") == "ref", name
         assert sch.solver.startswith(what) or (what == "usf" and sch.solver == "usf"), name
         if task not in models:
             models[task] = _shipped_model(task)

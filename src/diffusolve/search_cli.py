@@ -15,6 +15,12 @@ What the search sees and what is reported are kept apart:
   ``dpmpp_3m`` solve (final denoise at ``t_min``, the bench's convention), computed once and
   cached (``--cache``); held out: the bench's ``digits-unet`` starts (seed 1) against its
   1000-step reference (also cached).
+* ``--proxy fd`` (``digits`` only): the proxy is FD-digits instead, the Frechet distance
+  of the outputs' classifier features to the *train* split's, on the calibration starts
+  (seed 5000; validation: seed 6000); no reference solve. Held out: FD-digits as the bench
+  measures it, on the bench's FD starts (seed 3, ``--heldout-samples``, at most 1,000)
+  against the *held-out* split. Such a schedule is fitted to the data's statistics, not to
+  the ODE's endpoint.
 
 It prints the proxy before (the best starting schedule: standard grids and, for ``--usf``,
 the UniPC / DPM-Solver++ decision presets) and after, and the held-out errors of both, and
@@ -44,6 +50,8 @@ NETWORK_MODELS = ("digits", "digits-unet")
 CALIB_PRIOR_SEED, CALIB_NOISE_SEED, NETWORK_CALIB_SEED = 1000, 2000, 5000
 VAL_PRIOR_SEED, VAL_NOISE_SEED, NETWORK_VAL_SEED = 3000, 4000, 6000
 HELDOUT_PRIOR_SEEDS = (0, 1)
+#: the starts ``diffusolve bench samplers`` measures FD-digits on (its seed + 3)
+FD_HELDOUT_SEED = 3
 BENCH_REFERENCE_STEPS = 1000
 
 
@@ -111,6 +119,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--fit-fixed-times", action="store_true", help="fit the coefficients only (keep times)"
     )
+    p.add_argument(
+        "--proxy",
+        choices=("ref", "fd"),
+        default="ref",
+        help="ref: relative error to a reference solve (default); fd: FD-digits against the "
+        "train split (digits only; held out: the bench's FD starts against the held-out "
+        "split)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run_search)
     return p
@@ -141,6 +157,12 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
     if args.val_priors < 0:
         raise ValueError("--val-priors must be at least 0")
+    if args.proxy == "fd" and args.model not in NETWORK_MODELS:
+        raise ValueError(
+            f"--proxy fd scores FD-digits and needs --model digits, not {args.model!r}"
+        )
+    if args.proxy == "fd" and args.calib_samples < 2:
+        raise ValueError("--proxy fd needs --calib-samples of at least 2 (a covariance)")
     out = Path(args.out)
     if out.suffix.lower() != ".json":
         raise ValueError(f"--out {out} must be a .json file")
@@ -264,6 +286,48 @@ def _network_sets(args: argparse.Namespace) -> tuple[list[Any], list[Any], list[
     return cal, val, held, what
 
 
+def _network_fd_proxies(args: argparse.Namespace) -> tuple[Any, Any, list[Any], str]:
+    """FD-digits proxies: calibration and validation starts against the train split's
+    features; held out: the bench's FD starts against the held-out split's."""
+    import torch
+
+    from .bench.samplers import FD_SAMPLES
+    from .models import digits_features, load
+    from .models.bundled import load_classifier
+    from .models.data import load_digits
+    from .solvers.search import FDProxy
+
+    model = load("digits", dtype=torch.float32)
+    p = model.process
+    clf = load_classifier()
+
+    def feats(x: Any) -> Any:
+        return digits_features(x, classifier=clf, grad=True)
+
+    def starts(seed: int, n: int) -> Any:
+        g = torch.Generator().manual_seed(seed)
+        return p.prior_sample((n, 1, 16, 16), g, dtype=torch.float64)
+
+    train = digits_features(load_digits("train")[0], classifier=clf)
+    heldout = digits_features(load_digits("heldout")[0], classifier=clf)
+    name = "fd-digits"
+    cal = FDProxy(model, starts(NETWORK_CALIB_SEED, args.calib_samples), feats, train, name=name)
+    val = None
+    if args.val_priors:
+        xv = starts(NETWORK_VAL_SEED, args.calib_samples)
+        val = FDProxy(model, xv, feats, train, name=name)
+    n_held = min(args.heldout_samples, FD_SAMPLES)
+    held = [FDProxy(model, starts(FD_HELDOUT_SEED, n_held), feats, heldout, name=name)]
+    what = (
+        f"digits: FD-digits proxy, calibration {args.calib_samples} starts (seed "
+        f"{NETWORK_CALIB_SEED}) against the train split's features"
+        + (f" (validation: seed {NETWORK_VAL_SEED})" if val is not None else "")
+        + f"; held out: FD-digits of the bench's FD starts ({n_held}, seed "
+        f"{FD_HELDOUT_SEED}) against the held-out split"
+    )
+    return cal, val, held, what
+
+
 def _fit_log(args: argparse.Namespace) -> str | None:
     """The fit's own log next to ``--log`` (``X.jsonl`` -> ``X.fit.jsonl``)."""
     if not (args.fit and args.log):
@@ -277,7 +341,9 @@ def run_search(args: argparse.Namespace) -> int:
     from .solvers.search import Proxy, Schedule, SearchResult, fit, search
 
     start = time.perf_counter()
-    if args.model in NETWORK_MODELS:
+    if args.proxy == "fd":
+        proxy, vproxy, held_proxies, what = _network_fd_proxies(args)
+    elif args.model in NETWORK_MODELS:
         cal, val, held, what = _network_sets(args)
     else:
         seeds = [(CALIB_PRIOR_SEED + i, CALIB_NOISE_SEED + i) for i in range(args.calib_priors)]
@@ -296,9 +362,11 @@ def run_search(args: argparse.Namespace) -> int:
             f"starts (seed 1) and prior seed 1 (starts seed 2), {args.heldout_samples} each"
         )
     print(what, file=sys.stderr)
-    proxy = Proxy(cal)
-    vproxy = Proxy(val) if val else None
-    info = {"model": args.model, "data": what}
+    if args.proxy != "fd":
+        proxy = Proxy(cal)
+        vproxy = Proxy(val) if val else None
+        held_proxies = [Proxy([s]) for s in held]
+    info = {"model": args.model, "data": what, "proxy_kind": args.proxy}
     progress = False if args.no_progress else None
     seeds = [Schedule.load(f) for f in args.start]
     if args.budget == 0:  # --fit from the best --start, no search
@@ -351,7 +419,7 @@ def run_search(args: argparse.Namespace) -> int:
             cost["start_cost"] = res.start.info["cost"]  # the search that found the start
     rows = []
     for label, sch, value in results:
-        errs = [Proxy([s]).schedule_error(sch) for s in held]
+        errs = [hp.schedule_error(sch) for hp in held_proxies]
         rows.append((label, sch, value, errs))
     sch = rows[-1][1]
     sch.info["heldout"] = rows[-1][3]
@@ -364,7 +432,7 @@ def run_search(args: argparse.Namespace) -> int:
     if args.fit:
         sch.info["mode"] = "ns-fit"
     sch.save(args.out, force=args.force)
-    names = "  ".join(f"held-out {i}" for i in range(len(held)))
+    names = "  ".join(f"held-out {i}" for i in range(len(held_proxies)))
     print(f"{'':9s}  proxy      {names}")
     for label, s, value, errs in rows:
         cols = "  ".join(f"{e:.4e}" for e in errs)

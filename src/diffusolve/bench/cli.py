@@ -113,6 +113,13 @@ def register(subparsers: Any) -> None:
         help="FD-digits samples per method and NFE on digits-unet (default 1000, quick 300; "
         "0: no FD-digits)",
     )
+    p.add_argument(
+        "--fd-only",
+        type=_csv,
+        help="samplers benched by FD-digits alone on digits-unet (no probability-flow "
+        "reference applies): ddpm, sde_dpmpp_2m, dpmpp_2s_ancestral, si_sde, dmcmc, dpm_ot, "
+        "comma-separated, or 'none' (default: all of them when FD-digits is measured)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=samplers_main, handler=samplers_main)
@@ -635,6 +642,18 @@ def _samplers_options(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"--schedules: {str(e).splitlines()[0]}") from None
     if args.fd_samples is not None and (args.fd_samples < 0 or args.fd_samples == 1):
         raise UsageError(f"--fd-samples must be 0 (none) or at least 2, got {args.fd_samples}")
+    fd_only = None if args.fd_only is None else list(args.fd_only)
+    if fd_only == ["none"]:
+        fd_only = []
+    elif fd_only is not None:
+        from .samplers_fd import check_fd_only
+
+        if not fd_only:
+            raise UsageError("--fd-only is empty; name samplers or pass 'none'")
+        try:
+            check_fd_only(fd_only)
+        except ValueError as e:
+            raise UsageError(f"--fd-only: {e}") from None
     if args.resume and args.force:
         raise UsageError("--resume continues a run and --force starts it over; pass one of them")
     if args.json:
@@ -664,6 +683,7 @@ def _samplers_options(args: argparse.Namespace) -> dict[str, Any]:
         overwrite=bool(args.force),
         schedules=schedules,
         fd_samples=args.fd_samples,
+        fd_only=fd_only,
     )
 
 
@@ -731,9 +751,10 @@ def samplers_main(args: argparse.Namespace) -> int:
     parts.append(
         f"({meta['seconds']} s; {meta['records_run']} runs, {meta['records_resumed']} "
         f"resumed from {meta['records']}; searched schedules: "
-        f"{', '.join(s['name'] for s in meta.get('searched', [])) or 'none'}; skipped "
-        f"stochastic solvers (rel_error to a probability-flow reference does not apply): "
-        f"{', '.join(meta['skipped_stochastic'])})"
+        f"{', '.join(s['name'] for s in meta.get('searched', [])) or 'none'}; stochastic "
+        f"solvers have no rel_error (a probability-flow reference does not apply): "
+        f"{', '.join(meta['skipped_stochastic'])}; benched by FD-digits alone: "
+        f"{', '.join(meta.get('fd_only') or []) or 'none'})"
     )
     text = "\n".join(parts)
     print(text)

@@ -13,6 +13,7 @@ __all__ = [
     "summary_table",
     "moonshot_table",
     "fd_summary_table",
+    "fd_only_table",
     "searched_table",
     "fd_table",
     "plot_errors",
@@ -78,7 +79,9 @@ def _ratio(a: dict[str, Any] | None, b: dict[str, Any] | None, key: str = "rel_e
     return a[key] / b[key]
 
 
-def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def summarize(
+    records: Sequence[dict[str, Any]], fd_only: Sequence[dict[str, Any]] = ()
+) -> list[dict[str, Any]]:
     """Per task and NFE: our best rel_error, diffusers' best, and ``ratio = ours / diffusers``.
 
     Diverged results (``diverged`` true) are never a library's best, nor is a searched
@@ -87,7 +90,11 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     (``fixed_*``, searched schedules left out; ``fixed_ratio = fixed / diffusers``), the
     best searched schedule (``searched_*``, with ``searched_cost``) and, where records carry
     FD-digits, the best searched schedule's FD next to the best fixed-schedule method's of
-    either library (``fd_*``; ``fd_ratio = searched / fixed``).
+    either library (``fd_*``; ``fd_ratio = searched / fixed``). ``fd_only`` records
+    (FD-digits alone: stochastic solvers, which join the fixed-schedule baseline, and
+    whole-trajectory samplers) take part in ``fd_any_*``: our best FD-digits over every
+    method, with its median nearest-neighbour distance to the train split next to the
+    held-out digits' (``fd_any_nn``, ``fd_any_nn_heldout``; ``fd_any_ratio = any / fixed``).
 
     Example:
         >>> recs = [dict(library="diffusolve", method="a", task="t", nfe=5, rel_error=0.1),
@@ -121,9 +128,15 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "searched_rel_error": found["rel_error"] if found else None,
             "searched_cost": found["searched"].get("cost") if found else None,
         }
-        if any(r.get("fd_digits") is not None for r in rows):
+        extra = [r for r in fd_only if r["task"] == task and r["nfe"] == nfe]
+        if any(r.get("fd_digits") is not None for r in [*rows, *extra]):
             fd_found = _best((r for r in rows if is_searched(r)), "fd_digits")
-            fd_fixed = _best((r for r in rows if not is_searched(r)), "fd_digits")
+            fd_fixed = _best(
+                [r for r in rows if not is_searched(r)]
+                + [r for r in extra if r.get("kind") == "stochastic solver"],
+                "fd_digits",
+            )
+            fd_any = _best([r for r in rows if r["library"] == "diffusolve"] + extra, "fd_digits")
             row.update(
                 fd_searched_method=fd_found["method"] if fd_found else None,
                 fd_searched=fd_found["fd_digits"] if fd_found else None,
@@ -131,6 +144,11 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 fd_fixed_library=fd_fixed["library"] if fd_fixed else None,
                 fd_fixed=fd_fixed["fd_digits"] if fd_fixed else None,
                 fd_ratio=_ratio(fd_found, fd_fixed, "fd_digits"),
+                fd_any_method=fd_any["method"] if fd_any else None,
+                fd_any=fd_any["fd_digits"] if fd_any else None,
+                fd_any_nn=fd_any.get("median_nn_train") if fd_any else None,
+                fd_any_nn_heldout=fd_any.get("heldout_median_nn_train") if fd_any else None,
+                fd_any_ratio=_ratio(fd_any, fd_fixed, "fd_digits"),
             )
         out.append(row)
     return out
@@ -291,6 +309,45 @@ def fd_table(result: dict[str, Any], task: str) -> str:
                     c = f"**{c}**"
                 cells.append(c)
             lines.append(f"| {lib} | {method} | " + " | ".join(cells) + " |")
+    extra = [r for r in result.get("fd_only", ()) if r["task"] == task]
+    if not extra:
+        return "\n".join(lines)
+    for method in dict.fromkeys(r["method"] for r in extra):
+        cells = []
+        for k in nfes:
+            r = _record(extra, "diffusolve", method, k)
+            cells.append(
+                "--" if r is None or r.get("fd_digits") is None else f"{r['fd_digits']:.3g}"
+            )
+        kind = next(r.get("kind") for r in extra if r["method"] == method)
+        lines.append(f"| diffusolve | {method} ({kind}; FD only) | " + " | ".join(cells) + " |")
+    lines += ["", fd_only_table(extra)]
+    return "\n".join(lines)
+
+
+def fd_only_table(extra: Sequence[dict[str, Any]]) -> str:
+    """Markdown: the FD-only samplers' records with their memorisation figures."""
+    held = next((r.get("heldout_median_nn_train") for r in extra if r.get("fd_digits")), None)
+    lines = [
+        "FD-only samplers (no probability-flow reference; documented defaults, no settings "
+        "search): median nearest-neighbour distance of the samples to the train split (the "
+        f"held-out digits': {_r(held)}; much lower is copying), DPM-OT's level and share of "
+        "distinct outputs:",
+        "",
+        "| method | NFE | NFE used | FD-digits | NN to train | t_late (sigma) | distinct | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in extra:
+        level = "--"
+        if r.get("t_late") is not None:
+            sig = next((g["sigma"] for g in r.get("guard", ()) if g["t_late"] == r["t_late"]), None)
+            level = f"{r['t_late']:.4g} ({_r(sig)})"
+        distinct = "--" if r.get("distinct_fraction") is None else f"{r['distinct_fraction']:.2f}"
+        lines.append(
+            f"| {r['method']} | {r['nfe']} | {r.get('nfe_used') or '--'} | "
+            f"{_r(r.get('fd_digits'))} | {_r(r.get('median_nn_train'))} | {level} | "
+            f"{distinct} | {r.get('note') or ''} |"
+        )
     return "\n".join(lines)
 
 
@@ -347,24 +404,31 @@ def searched_table(summary: Sequence[dict[str, Any]]) -> str:
 
 
 def fd_summary_table(summary: Sequence[dict[str, Any]]) -> str:
-    """Markdown: per task and NFE with FD-digits, the best searched schedule's FD-digits
-    against the best fixed-schedule method's (either library); empty without FD."""
+    """Markdown: per task and NFE with FD-digits, the best searched schedule's FD-digits and
+    our best over every method (FD-only samplers included, with the median nearest-neighbour
+    distance of its samples to the train split next to the held-out digits') against the
+    best fixed-schedule solver's (either library); empty without FD."""
     rows = [s for s in summary if "fd_fixed" in s]
     if not rows:
         return ""
     lines = [
-        "| task | NFE | searched (best FD) | FD-digits | fixed-schedule (best FD) | FD-digits "
-        "| searched/fixed |",
-        "|---|---|---|---|---|---|---|",
+        "| task | NFE | searched (best FD) | FD-digits | ours, any method (best FD) | FD-digits "
+        "| NN to train (held-out digits) | fixed-schedule (best FD) | FD-digits | "
+        "searched/fixed | any/fixed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in rows:
         fixed = s.get("fd_fixed_method")
         if fixed:
             fixed = f"{fixed} ({s['fd_fixed_library']})"
+        nn = "--"
+        if s.get("fd_any_nn") is not None:
+            nn = f"{s['fd_any_nn']:.3g} ({_r(s.get('fd_any_nn_heldout'))})"
         lines.append(
             f"| {s['task']} | {s['nfe']} | {s.get('fd_searched_method') or '--'} | "
-            f"{_r(s.get('fd_searched'))} | {fixed or '--'} | {_r(s.get('fd_fixed'))} | "
-            f"{_r(s.get('fd_ratio'))} |"
+            f"{_r(s.get('fd_searched'))} | {s.get('fd_any_method') or '--'} | "
+            f"{_r(s.get('fd_any'))} | {nn} | {fixed or '--'} | {_r(s.get('fd_fixed'))} | "
+            f"{_r(s.get('fd_ratio'))} | {_r(s.get('fd_any_ratio'))} |"
         )
     return "\n".join(lines)
 

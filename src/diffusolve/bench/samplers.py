@@ -364,7 +364,8 @@ def heldout_status(schedule: Any, tname: str, seed: int) -> dict[str, Any]:
     search.
 
     The bench's analytic tasks use prior ``seed`` and starts from seed ``seed + 1``; the
-    network task uses the bundled model and starts from seed ``seed + 1``. A schedule
+    network task uses the bundled model, starts from seed ``seed + 1`` and FD starts from
+    seed ``seed + 3`` (a search on either is not held out). A schedule
     searched on another task (another prior or process) never saw this task's data. A
     schedule searched on this task saw the priors (analytic) or starts (network) whose seeds
     its ``info["data"]`` names before "held out"; when the bench's seed is among them, or
@@ -403,11 +404,14 @@ def heldout_status(schedule: Any, tname: str, seed: int) -> dict[str, Any]:
     seeds = _seen_seeds(seen)
     mine = seed + 1 if network else seed
     what = "starts seed" if network else "prior seed"
+    used = sorted(seeds & ({seed + 1, seed + 3} if network else {seed}))
     if not seeds:
         res["note"] = f"searched on {on}; its data description names no seeds: not verified"
-    elif mine in seeds:
+    elif used:
         res["heldout"] = False
-        res["note"] = f"SEARCHED ON THIS BENCH'S DATA: the search used {what} {mine}"
+        res["note"] = f"SEARCHED ON THIS BENCH'S DATA: the search used {what} " + " and ".join(
+            str(u) for u in used
+        )
     else:
         res["heldout"] = True
         starts = "" if network else f" (starts seed {seed + 1})"
@@ -732,7 +736,11 @@ def _plan(
     n_select: int,
     quick: bool,
     searched: list[Searched] = (),  # type: ignore[assignment]
+    fd_only: list[str] = (),  # type: ignore[assignment]
 ) -> Iterator[Job]:
+    from .samplers_fd import _Memo, fd_only_jobs
+
+    memo = _Memo()
     for tname in task_names:
         yield _task_job(tasks, tname)
         kind = "rf" if TASKS[tname]["process"] == "rectified-flow" else "vp"
@@ -805,6 +813,8 @@ def _plan(
                     extra_notes=notes,
                     fd=fd,
                 )
+            if fd and fd_only:
+                yield from fd_only_jobs(tasks, tname, nfe, list(fd_only), tasks.seed, memo)
 
 
 def _public(rec: dict[str, Any]) -> dict[str, Any]:
@@ -839,6 +849,7 @@ def run_bench(
     progress: bool = True,
     schedules: Iterable[str] | None = None,
     fd_samples: int | None = None,
+    fd_only: Iterable[str] | None = None,
 ) -> dict[str, Any]:
     """Run the samplers bench and return the JSON-ready result.
 
@@ -863,6 +874,9 @@ def run_bench(
             its own NFE when that NFE is in ``nfes``.
         fd_samples: FD-digits samples per method and NFE on the network task (default
             :data:`FD_SAMPLES`, quick :data:`QUICK_FD_SAMPLES`; 0: no FD-digits).
+        fd_only: samplers measured by FD-digits alone on the network task (stochastic solvers,
+            DMCMC, DPM-OT; :mod:`.samplers_fd`); default: all of
+            :data:`~.samplers_fd.FD_ONLY_METHODS` when FD-digits is measured, ``[]``: none.
 
     Raises:
         ValueError: unknown task / method / reference / schedule, non-positive sizes, or a
@@ -891,6 +905,12 @@ def run_bench(
     if fd_samples < 0 or fd_samples == 1:
         raise ValueError(f"fd_samples must be 0 (no FD-digits) or >= 2, got {fd_samples}")
     network = any(_is_network(t) for t in task_names)
+    from .samplers_fd import FD_ONLY_METHODS, check_fd_only
+
+    fd_only = list(FD_ONLY_METHODS) if fd_only is None else list(fd_only)
+    check_fd_only(fd_only)
+    if not (network and fd_samples):
+        fd_only = []
     config = {
         "n_samples": n_samples,
         "n_select": n_select,
@@ -936,6 +956,7 @@ def run_bench(
                 n_select,
                 quick,
                 searched,
+                fd_only,
             ),
             store,
             on_record=on_record,
@@ -963,10 +984,12 @@ def run_bench(
             "skipped_stochastic": [n for n in list_solvers() if get_solver(n).stochastic],
             "fd_samples": fd_samples if network else None,
             "searched": [searched_meta(x, task_names, nfes, seed) for x in searched],
+            "fd_only": fd_only,
             "torch": torch.__version__,
             "diffusers": _diffusers_version(),
         },
         searched=searched,
+        fd_only=fd_only,
     )
 
 
@@ -978,13 +1001,14 @@ def result_from_records(
     theirs: list[str],
     meta: dict[str, Any],
     searched: list[Searched] = (),  # type: ignore[assignment]
+    fd_only: list[str] = (),  # type: ignore[assignment]
 ) -> dict[str, Any]:
     """The JSON-ready result (tasks, final records, summary) from a run's records.
 
     Records are taken in plan order (task, NFE, our methods, searched schedules, diffusers
     methods), whatever order the file has them in, so a resumed run gives the same result
     as an uninterrupted one. FD-digits records (network task) are merged into their final
-    records (``fd_digits``, ``fd_samples``).
+    records (``fd_digits``, ``fd_samples``); the FD-only methods' records are ``fd_only``.
     """
     finals = {
         (r["task"], r["library"], r["method"], r["nfe"]): r for r in store.select(phase="final")
@@ -1029,13 +1053,25 @@ def result_from_records(
                         pub["fd_digits"] = fd.get("fd_digits")
                         pub["fd_samples"] = fd.get("fd_samples")
                     records.append(pub)
+    from .samplers_fd import _setting
+
+    fd_records = []
+    for tname in task_names:
+        for nfe in nfes:
+            for m in fd_only:
+                r = store.get(
+                    _key("fdonly", tname, "diffusolve", m, nfe, _setting(m, meta.get("seed", 0)))
+                )
+                if r is not None:
+                    fd_records.append(_public(r))
     reference = meta.get("reference", "zero")
     return {
         "bench": "samplers",
         "convention": convention(reference),
         "tasks": task_info,
         "records": records,
-        "summary": summarize(records),
+        "fd_only": fd_records,
+        "summary": summarize(records, fd_records),
         "moonshot": moonshot(records),
         "meta": meta,
     }

@@ -2,11 +2,11 @@
 Frechet distance). Depends on torch, numpy, scipy and POT only, never on other diffusolve
 modules; FD-digits is :func:`diffusolve.models.fd_digits`."""
 
-from .fd import MOVED, fd, frechet_distance
+from .fd import MOVED, FrechetTarget, fd, frechet_distance
 from .sliced import random_projections, rel_error, sliced_wasserstein, sw_noise_floor
 
 __all__ = ["sliced_wasserstein", "sw_noise_floor", "rel_error", "random_projections"]
-__all__ += ["frechet_distance", "fd"]
+__all__ += ["frechet_distance", "fd", "FrechetTarget"]
 
 
 def __getattr__(name: str):

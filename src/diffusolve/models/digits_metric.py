@@ -22,10 +22,17 @@ __all__ = ["digits_features", "fd_digits", "fd_digits_noise_floor"]
 
 
 def digits_features(
-    images: Tensor, *, classifier: Any = None, t: float | None = None, batch_size: int = 512
+    images: Tensor,
+    *,
+    classifier: Any = None,
+    t: float | None = None,
+    batch_size: int = 512,
+    grad: bool = False,
 ) -> Tensor:
-    """Penultimate features ``[N, 64]`` of the digits classifier for images ``[N, 1, 16, 16]``
-    in [-1, 1], presented at ``t`` (default: the process's ``t_min``). No gradients."""
+    """Penultimate features ``[N, 64]`` (float64) of the digits classifier for images
+    ``[N, 1, 16, 16]`` in [-1, 1], presented at ``t`` (default 0). No gradients unless
+    ``grad=True``: then the features are differentiable in ``images`` (one batch, on the
+    images' device), as the search's FD proxy needs."""
     if images.ndim != 4 or tuple(images.shape[1:]) != (1, 16, 16):
         raise ValueError(
             f"FD-digits needs images of shape [N, 1, 16, 16] in [-1, 1], got {tuple(images.shape)}"
@@ -35,6 +42,8 @@ def digits_features(
 
         classifier = load_classifier()
     t = 0.0 if t is None else float(t)
+    if grad:
+        return classifier.features(images.to(torch.float32), t).to(torch.float64)
     x = images.detach().to("cpu", torch.float32)
     with torch.no_grad():
         feats = [

@@ -24,14 +24,18 @@ from .dmcmc import (
 from .dpm_ot import (
     MemorisationRow,
     OTMap,
+    distinct_fraction,
     dpm_ot_sample,
     fit_dpm_ot,
     format_memorisation_table,
     memorisation_table,
     nn_distances,
+    select_t_late,
 )
 
 __all__ = [
+    "select_t_late",
+    "distinct_fraction",
     "Chain",
     "ExactNoisePosterior",
     "NoiseLevelNet",

@@ -23,7 +23,16 @@ model evaluation). With a class-conditional model, each sample takes its target'
 **Memorisation.** ``T(x)`` is a training point plus noise of level ``t_late``, so outputs
 sit near training data when ``t_late`` is late. :func:`memorisation_table` measures it:
 the median nearest-neighbour distance to the training set and the fraction of samples
-within a small radius, next to the same figures for held-out data.
+within a small radius, next to the same figures for held-out data. Two samples in one cell
+start from the same point, so with a deterministic solver they are the same image: at most
+``N`` distinct outputs (``distinct_fraction``).
+
+**Choosing ``t_late``** (:func:`select_t_late`). The published level is near the end of
+sampling, where outputs are copies of training images. :func:`select_t_late` takes the
+latest of a list of levels (uniform fractions of the logSNR range) whose samples, on
+calibration noise, pass a memorisation guard built from the data alone: their median
+nearest-neighbour distance to the data is at least the data's own leave-one-out median
+(how far a real image is from the others). It looks at no quality metric.
 """
 
 from __future__ import annotations
@@ -49,7 +58,14 @@ __all__ = [
     "memorisation_table",
     "format_memorisation_table",
     "MemorisationRow",
+    "select_t_late",
+    "LEVEL_FRACTIONS",
+    "distinct_fraction",
 ]
+
+#: :func:`select_t_late`'s candidate levels: fractions of the way from ``lambda(t_max)`` to
+#: ``lambda(t_min)`` in logSNR, tried latest first
+LEVEL_FRACTIONS = (0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 
 _CHUNK = 1 << 24  # entries of the [batch, N] score matrix per chunk
 
@@ -341,6 +357,94 @@ def dpm_ot_sample(
     if stats is not None:
         stats.update(nfe=st["nfe"], steps=int(steps), index=idx, t_late=ot_map.t_late)
     return out
+
+
+def _time_at_fraction(process: Any, frac: float) -> float:
+    l0 = float(process.lam(torch.tensor(process.t_max, dtype=torch.float64)))
+    l1 = float(process.lam(torch.tensor(process.t_min, dtype=torch.float64)))
+    lam = torch.tensor(l0 + float(frac) * (l1 - l0), dtype=torch.float64)
+    return float(process.t_of_lambda(lam))
+
+
+def select_t_late(
+    model: Any,
+    data: Tensor,
+    steps: int,
+    *,
+    fractions: tuple[float, ...] = LEVEL_FRACTIONS,
+    n: int = 512,
+    seed: int = 0,
+    solver: Any = "dpmpp_2m",
+    fit_options: dict[str, Any] | None = None,
+    maps: dict[float, OTMap] | None = None,
+    log: Any = None,
+) -> tuple[OTMap, list[dict[str, Any]]]:
+    """The latest level whose DPM-OT samples pass the memorisation guard, and its map.
+
+    For each fraction ``f`` of ``fractions`` (latest first), ``t_late`` is the time at
+    logSNR ``lambda(t_max) + f (lambda(t_min) - lambda(t_max))``; the map to ``data`` noised
+    there is fitted (:func:`fit_dpm_ot` with ``fit_options``), ``n`` calibration starts
+    (seed ``seed``) are sampled with ``steps`` steps of ``solver``, and the level passes
+    when their median nearest-neighbour distance to ``data`` is at least the median
+    leave-one-out distance within ``data``. The first level that passes is returned; if
+    none does, the earliest. Only ``data`` and the model are used: no quality metric, no
+    held-out data.
+
+    Args:
+        maps: a cache ``{t_late: OTMap}`` shared between calls (filled here).
+        log: optional callable receiving one line per level.
+
+    Returns:
+        ``(map, rows)``: the chosen map and, per level tried, ``fraction``, ``t_late``,
+        ``sigma``, ``median_nn``, ``guard`` (the leave-one-out median), ``passed`` and the
+        map's ``fit_seconds``.
+    """
+    if not fractions or any(not (0.0 < float(f) < 1.0) for f in fractions):
+        raise ValueError(f"fractions must be a non-empty list in (0, 1), got {fractions}")
+    if n < 2:
+        raise ValueError(f"n must be at least 2, got {n}")
+    process = model.process
+    guard = float(nn_distances(data, data, exclude_self=True).median())
+    maps = {} if maps is None else maps
+    rows: list[dict[str, Any]] = []
+    order = sorted((float(f) for f in fractions), reverse=True)
+    chosen = None
+    for f in order:
+        t = _time_at_fraction(process, f)
+        key = round(t, 12)
+        if key not in maps:
+            maps[key] = fit_dpm_ot(model, data, t, **(fit_options or {}))
+        m = maps[key]
+        x = process.prior_sample((n, *m.shape), torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            out = dpm_ot_sample(model, m, x, steps=steps, solver=solver, noise=seed)
+        med = float(nn_distances(out, data).median())
+        row = {
+            "fraction": f,
+            "t_late": t,
+            "sigma": float(process.sigma(torch.tensor(t, dtype=torch.float64))),
+            "median_nn": med,
+            "guard": guard,
+            "passed": med >= guard,
+            "fit_seconds": m.info.get("wall_s"),
+        }
+        rows.append(row)
+        if log is not None:
+            log(
+                f"t_late {t:.4g} (logSNR fraction {f:g}): median NN {med:.3f} vs guard "
+                f"{guard:.3f}: {'pass' if row['passed'] else 'fail'}"
+            )
+        chosen = m
+        if row["passed"]:
+            break
+    assert chosen is not None
+    return chosen, rows
+
+
+def distinct_fraction(index: Tensor) -> float:
+    """Distinct DPM-OT targets (``stats["index"]``) over samples: the share of distinct
+    outputs of a deterministic solve (samples in one cell give the same image)."""
+    return float(torch.unique(index).numel() / max(1, index.numel()))
 
 
 # ---------------------------------------------------------------------------- memorisation

@@ -9,7 +9,7 @@ Example:
     1
 """
 
-from .evolve import Candidate, GridParam, Proxy, SearchResult, search, usf_presets
+from .evolve import Candidate, FDProxy, GridParam, Proxy, SearchResult, search, usf_presets
 from .ns import NS, FitResult, fit, linearize
 from .schedule import ProcessSpec, Schedule
 from .shipped import list_shipped, load_shipped, shipped_path
@@ -21,6 +21,7 @@ __all__ = [
     "Schedule",
     "ProcessSpec",
     "Proxy",
+    "FDProxy",
     "GridParam",
     "Candidate",
     "SearchResult",

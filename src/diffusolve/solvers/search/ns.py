@@ -16,8 +16,9 @@ Models*, ICML 2024) keeps exactly this form and makes every coefficient free:
   rounding): a dry run on basis vectors reads the coefficients off.
 * :func:`fit` starts there and fits the coefficients, and the evaluation times (in
   ``lambda``, as :class:`~diffusolve.solvers.search.GridParam`), by L-BFGS with autograd
-  through the model on the proxy's loss (mean relative L2 error to the references of the
-  calibration sets): about ``n^2 / 2 + 2n`` numbers, so a few hundred calibration samples
+  through the model on the proxy's loss (``proxy.loss``: the mean relative L2 error to the
+  references of the calibration sets, or for an :class:`~diffusolve.solvers.search.FDProxy`
+  the Frechet distance of the outputs' features to real data): about ``n^2 / 2 + 2n`` numbers, so a few hundred calibration samples
   determine them. A validation proxy (other priors or noise) picks the iterate and stops
   the fit (``patience``); the start itself is a candidate, so the result is never worse
   than the start there.
@@ -245,19 +246,17 @@ class FitResult:
     trace: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _loss(sets: list[tuple[Any, Tensor, Tensor]], rows: list[Tensor], times: Tensor) -> Tensor:
-    """The proxy (mean over sets of the mean relative L2 error), differentiable."""
-    total = times.new_zeros(())
-    for model, x, ref in sets:
+def _loss(proxy: Proxy, sets: list[tuple[Any, Tensor, Any]], rows: list[Tensor], times: Tensor):
+    """The proxy's differentiable loss of the outputs on its sets."""
+    outs = []
+    for model, x, _ in sets:
         bound = BoundModel(model)
         basis = [x]
         for k in range(len(rows)):
             xk = x if k == 0 else combine(list(rows[k - 1]), basis)
             basis.append(bound(xk, times[k]))
-        out = combine(list(rows[-1]), basis)
-        diff = (out - ref).flatten(1).norm(dim=1)
-        total = total + (diff / ref.flatten(1).norm(dim=1)).mean()
-    return total / len(sets)
+        outs.append(combine(list(rows[-1]), basis))
+    return proxy.loss(outs)
 
 
 def _schedule(process: Process, times: Tensor, rows: list[Tensor], info: dict) -> Schedule:
@@ -357,7 +356,7 @@ def fit(
         return param.times_tensor(z) if fit_times else grid
 
     params = rows + ([z] if fit_times else [])
-    sets = [(m, x.to(proxy.dtype), r.to(proxy.dtype)) for m, x, r in proxy.sets]
+    sets = [(m, x.to(proxy.dtype), r) for m, x, r in proxy.sets]
     opt = torch.optim.LBFGS(params, lr=1.0, max_iter=inner, line_search_fn="strong_wolfe")
     show = progress if progress is not None else os.isatty(2)
     bar = None
@@ -374,7 +373,7 @@ def fit(
 
             def closure() -> Tensor:
                 opt.zero_grad()
-                loss = _loss(sets, rows, current_times())
+                loss = _loss(proxy, sets, rows, current_times())
                 loss.backward()
                 if fit_times and z.grad is None:
                     raise ValueError(
