@@ -227,6 +227,7 @@ def test_fd_only_samplers_plumbing(monkeypatch, tmp_path):
     assert ddpm["kind"] == "stochastic solver" and ddpm["nfe_used"] == 5
     assert ddpm["fd_samples"] == 12 and ddpm["fd_digits"] > 0 and ddpm["rel_error"] is None
     assert ddpm["median_nn_train"] > 0 and ddpm["heldout_median_nn_train"] == 0.5
+    assert 0 <= ddpm["frac_within_radius"] <= 1
     assert ot["kind"] == "trajectory sampler" and ot["nfe_used"] == 5, ot.get("note")
     chosen = [g for g in ot["guard"] if g["t_late"] == ot["t_late"]]
     assert len(chosen) == 1 and 0 < ot["distinct_fraction"] <= 1

@@ -331,11 +331,13 @@ def fd_only_table(extra: Sequence[dict[str, Any]]) -> str:
     lines = [
         "FD-only samplers (no probability-flow reference; documented defaults, no settings "
         "search): median nearest-neighbour distance of the samples to the train split (the "
-        f"held-out digits': {_r(held)}; much lower is copying), DPM-OT's level and share of "
-        "distinct outputs:",
+        f"held-out digits': {_r(held)}; much lower is copying), the fraction within a third "
+        "of the held-out median of a training image, DPM-OT's level and share of distinct "
+        "outputs:",
         "",
-        "| method | NFE | NFE used | FD-digits | NN to train | t_late (sigma) | distinct | note |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | NFE | NFE used | FD-digits | NN to train | within radius | t_late (sigma) "
+        "| distinct | note |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in extra:
         level = "--"
@@ -345,7 +347,8 @@ def fd_only_table(extra: Sequence[dict[str, Any]]) -> str:
         distinct = "--" if r.get("distinct_fraction") is None else f"{r['distinct_fraction']:.2f}"
         lines.append(
             f"| {r['method']} | {r['nfe']} | {r.get('nfe_used') or '--'} | "
-            f"{_r(r.get('fd_digits'))} | {_r(r.get('median_nn_train'))} | {level} | "
+            f"{_r(r.get('fd_digits'))} | {_r(r.get('median_nn_train'))} | "
+            f"{_r(r.get('frac_within_radius'))} | {level} | "
             f"{distinct} | {r.get('note') or ''} |"
         )
     return "\n".join(lines)

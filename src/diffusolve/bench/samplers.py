@@ -18,7 +18,7 @@ Example:
     >>> out = run_bench(tasks=["gauss-d2-vp"], nfes=[5], n_samples=16, methods=["ddim"],
     ...                 schedulers=["DDIM"], progress=False)
     >>> sorted(out)
-    ['bench', 'convention', 'meta', 'moonshot', 'records', 'summary', 'tasks']
+    ['bench', 'convention', 'fd_only', 'meta', 'moonshot', 'records', 'summary', 'tasks']
 """
 
 from __future__ import annotations

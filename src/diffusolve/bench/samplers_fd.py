@@ -17,7 +17,8 @@ at each NFE on the FD starts (seed + 3) with its documented defaults, no setting
 
 Every record carries the samples' median nearest-neighbour distance to the train split next
 to the held-out digits' own (a sample much nearer the training set than real unseen digits
-are is a copy), and DPM-OT's the share of distinct outputs (two starts in one OT cell give
+are is a copy) and the fraction of samples within a third of that held-out median of a
+training image (:func:`~diffusolve.sampling.memorisation_table`'s radius), and DPM-OT's the share of distinct outputs (two starts in one OT cell give
 the same image).
 """
 
@@ -167,8 +168,11 @@ def fd_only_jobs(
                     return rec
                 train, held_nn = memo.data()
                 rec["fd_digits"] = float(fd_digits(x.float()))
-                rec["median_nn_train"] = float(nn_distances(x, train).median())
+                d = nn_distances(x, train)
+                rec["median_nn_train"] = float(d.median())
                 rec["heldout_median_nn_train"] = held_nn
+                # memorisation_table's radius: a third of the held-out digits' median
+                rec["frac_within_radius"] = float((d < held_nn / 3.0).double().mean())
             except Exception as e:  # noqa: BLE001 - recorded, never dropped silently
                 rec["note"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
             return rec
