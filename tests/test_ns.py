@@ -224,3 +224,24 @@ def test_cli_fd_proxy_needs_the_digits_model(tmp_path, capsys):
     argv = ["search", "--model", "gmm-d2-vp", "--proxy", "fd", "--out", str(tmp_path / "a.json")]
     assert main(argv) == 2
     assert "--proxy fd" in capsys.readouterr().err
+
+
+def test_cli_fd_proxy_fit_on_the_bundled_model(tmp_path, capsys):
+    """--proxy fd end to end on the bundled model (a tiny fit): the schedule records its
+    proxy kind and the held-out FD-digits of the bench's FD starts."""
+    from diffusolve.process import get_process
+
+    p = get_process("ddpm-linear")
+    start = tmp_path / "start.json"
+    Schedule.for_solver(p, make_grid(p, 2), "ddim").save(start)
+    out = tmp_path / "fd.json"
+    argv = ["search", "--model", "digits", "--nfe", "3", "--proxy", "fd", "--budget", "0"]
+    argv += ["--fit", "--start", str(start), "--out", str(out), "--fit-iterations", "1"]
+    argv += ["--calib-samples", "16", "--heldout-samples", "16", "--no-progress"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "fitted" in text
+    sch = Schedule.load(out)
+    assert sch.solver == "ns" and sch.info["proxy_kind"] == "fd"
+    assert len(sch.info["heldout"]) == 1 and sch.info["heldout"][0] > 0
+    assert "seed 5000" in sch.info["data"] and "held-out split" in sch.info["data"]

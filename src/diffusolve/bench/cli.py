@@ -737,7 +737,8 @@ def samplers_main(args: argparse.Namespace) -> int:
             searched_table(result["summary"]),
         ),
         (
-            "### FD-digits: best searched schedule vs best fixed-schedule method",
+            "### FD-digits: best searched schedule, and our best method of any kind, vs the best "
+            "fixed-schedule method",
             fd_summary_table(result["summary"]),
         ),
         (
