@@ -215,11 +215,17 @@ def test_fd_only_samplers_plumbing(monkeypatch, tmp_path):
     monkeypatch.setattr(sf, "GUARD_SAMPLES", 16)
     data = build_task("gauss-d2-vp", 40).data.float()
     monkeypatch.setattr(sf._Memo, "data", lambda self: (data, 0.5))
-    kw = dict(fd_samples=12, records=tmp_path / "r.jsonl", fd_only=["ddpm", "dpm_ot"])
+    kw = dict(
+        fd_samples=12, records=tmp_path / "r.jsonl", fd_only=["ddpm", "dpm_ot", "dpm_ot_ddpm"]
+    )
     with pytest.raises(ValueError, match="unknown FD-only"):
         _run([], fd_samples=12, fd_only=["nope"])
     out = _run([], **kw)
     recs = {r["method"]: r for r in out["fd_only"]}
+    assert recs["dpm_ot_ddpm"]["distinct_fraction"] == 1.0  # its own noise per sample
+    assert recs["dpm_ot_ddpm"]["nfe_used"] == 5, recs["dpm_ot_ddpm"].get("note")
+    assert recs["dpm_ot"]["distinct_fraction"] == recs["dpm_ot"]["distinct_targets"]
+    recs.pop("dpm_ot_ddpm")
     assert set(recs) == {"ddpm", "dpm_ot"} and all(
         r["task"] == "gauss-d2-vp" for r in recs.values()
     )

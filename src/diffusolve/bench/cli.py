@@ -118,6 +118,7 @@ def register(subparsers: Any) -> None:
         type=_csv,
         help="samplers benched by FD-digits alone on digits-unet (no probability-flow "
         "reference applies): ddpm, sde_dpmpp_2m, dpmpp_2s_ancestral, si_sde, dmcmc, dpm_ot, "
+        "dpm_ot_ddpm, "
         "comma-separated, or 'none' (default: all of them when FD-digits is measured)",
     )
     p.add_argument("--seed", type=int, default=0)

@@ -333,7 +333,7 @@ def fd_only_table(extra: Sequence[dict[str, Any]]) -> str:
         "search): median nearest-neighbour distance of the samples to the train split (the "
         f"held-out digits': {_r(held)}; much lower is copying), the fraction within a third "
         "of the held-out median of a training image, DPM-OT's level and share of distinct "
-        "outputs:",
+        "images:",
         "",
         "| method | NFE | NFE used | FD-digits | NN to train | within radius | t_late (sigma) "
         "| distinct | note |",

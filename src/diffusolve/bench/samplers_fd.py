@@ -11,15 +11,17 @@ at each NFE on the FD starts (seed + 3) with its documented defaults, no setting
   fixed-schedule baseline of the FD summary.
 * whole-trajectory samplers (:data:`TRAJECTORY`): DMCMC (Denoising Langevin Gibbs with the
   bundled noise-level estimator, then ``dpmpp_2m``) and DPM-OT (the OT map to the train
-  split noised to ``t_late``, then ``dpmpp_2m``), ``t_late`` chosen by
+  split noised to ``t_late``, then ``dpmpp_2m`` as published, or ancestral ``ddpm`` for
+  ``dpm_ot_ddpm``: with the deterministic finish two starts in one OT cell give one image,
+  with the ancestral one every sample draws its own noise), ``t_late`` chosen by
   :func:`~diffusolve.sampling.select_t_late`'s memorisation guard on calibration noise
-  (seed 5000) and the train split alone.
+  (seed 5000), with the same finishing solver, and the train split alone.
 
 Every record carries the samples' median nearest-neighbour distance to the train split next
 to the held-out digits' own (a sample much nearer the training set than real unseen digits
 are is a copy) and the fraction of samples within a third of that held-out median of a
-training image (:func:`~diffusolve.sampling.memorisation_table`'s radius), and DPM-OT's the share of distinct outputs (two starts in one OT cell give
-the same image).
+training image (:func:`~diffusolve.sampling.memorisation_table`'s radius), and DPM-OT's the
+share of distinct images among its samples.
 """
 
 from __future__ import annotations
@@ -36,7 +38,10 @@ __all__ = ["STOCHASTIC", "TRAJECTORY", "FD_ONLY_METHODS", "check_fd_only", "fd_o
 #: stochastic registry solvers benched by FD-digits alone (fixed schedules)
 STOCHASTIC = ("ddpm", "sde_dpmpp_2m", "dpmpp_2s_ancestral", "si_sde")
 #: whole-trajectory samplers benched by FD-digits alone
-TRAJECTORY = ("dmcmc", "dpm_ot")
+TRAJECTORY = ("dmcmc", "dpm_ot", "dpm_ot_ddpm")
+#: DPM-OT's finishing solver per method: the deterministic one (two starts in one OT cell
+#: give one image) and the ancestral one (every sample its own noise)
+DPM_OT_SOLVERS = {"dpm_ot": "dpmpp_2m", "dpm_ot_ddpm": "ddpm"}
 FD_ONLY_METHODS = STOCHASTIC + TRAJECTORY
 #: DPM-OT: calibration starts (and their seed) of the memorisation guard, the map's fit
 GUARD_SAMPLES, GUARD_SEED = 512, 5000
@@ -58,14 +63,23 @@ def _setting(method: str, seed: int) -> dict[str, Any]:
         return {"noise_seed": seed + 4, "estimator": "digits", "solver": "dpmpp_2m"}
     from ..sampling.dpm_ot import LEVEL_FRACTIONS
 
-    return {
+    out = {
         "data": "train",
         "guard_samples": GUARD_SAMPLES,
         "guard_seed": GUARD_SEED,
         "fractions": list(LEVEL_FRACTIONS),
-        "solver": "dpmpp_2m",
+        "solver": DPM_OT_SOLVERS[method],
         **DPM_OT_FIT,
     }
+    if get_solver_stochastic(out["solver"]):
+        out["noise_seed"] = seed + 4
+    return out
+
+
+def get_solver_stochastic(name: str) -> bool:
+    from ..solvers import get_solver
+
+    return bool(get_solver(name).stochastic)
 
 
 class _Memo:
@@ -110,7 +124,7 @@ def _run(method: str, model: Any, x: torch.Tensor, nfe: int, setting: dict, memo
             stats=stats,
         )
     else:
-        from ..sampling import distinct_fraction, dpm_ot_sample, select_t_late
+        from ..sampling import dpm_ot_sample, select_t_late
 
         train, _ = memo.data()
         ot_map, rows = select_t_late(
@@ -124,17 +138,27 @@ def _run(method: str, model: Any, x: torch.Tensor, nfe: int, setting: dict, memo
             fit_options={"iters": setting["iters"]},
             maps=memo.maps,
         )
-        out = dpm_ot_sample(model, ot_map, x, steps=nfe - 1, solver=setting["solver"], stats=stats)
+        noise = setting.get("noise_seed")
+        out = dpm_ot_sample(
+            model, ot_map, x, steps=nfe - 1, solver=setting["solver"], noise=noise, stats=stats
+        )
         extra.update(
             t_late=ot_map.t_late,
             guard=rows,
-            distinct_fraction=distinct_fraction(stats["index"]),
+            distinct_fraction=_distinct(out),
+            distinct_targets=float(torch.unique(stats["index"]).numel() / x.shape[0]),
             map_info={k: ot_map.info.get(k) for k in ("iters", "wall_s", "mass_error_l1")},
         )
     nfe_used = stats.get("nfe")
     if isinstance(nfe_used, torch.Tensor):
         nfe_used = int(nfe_used.max())
     return {"x": out, "nfe_used": nfe_used, **extra}
+
+
+def _distinct(x: torch.Tensor) -> float:
+    """The share of distinct images among the samples (equal to 6 decimals: the same)."""
+    flat = x.detach().reshape(x.shape[0], -1).to(torch.float64).round(decimals=6)
+    return float(torch.unique(flat, dim=0).shape[0] / x.shape[0])
 
 
 def fd_only_jobs(
