@@ -71,15 +71,11 @@ def _setting(method: str, seed: int) -> dict[str, Any]:
         "solver": DPM_OT_SOLVERS[method],
         **DPM_OT_FIT,
     }
-    if get_solver_stochastic(out["solver"]):
-        out["noise_seed"] = seed + 4
-    return out
-
-
-def get_solver_stochastic(name: str) -> bool:
     from ..solvers import get_solver
 
-    return bool(get_solver(name).stochastic)
+    if get_solver(out["solver"]).stochastic:
+        out["noise_seed"] = seed + 4
+    return out
 
 
 class _Memo:
@@ -124,7 +120,7 @@ def _run(method: str, model: Any, x: torch.Tensor, nfe: int, setting: dict, memo
             stats=stats,
         )
     else:
-        from ..sampling import dpm_ot_sample, select_t_late
+        from ..sampling import distinct_fraction, dpm_ot_sample, select_t_late
 
         train, _ = memo.data()
         ot_map, rows = select_t_late(
@@ -146,7 +142,7 @@ def _run(method: str, model: Any, x: torch.Tensor, nfe: int, setting: dict, memo
             t_late=ot_map.t_late,
             guard=rows,
             distinct_fraction=_distinct(out),
-            distinct_targets=float(torch.unique(stats["index"]).numel() / x.shape[0]),
+            distinct_targets=distinct_fraction(stats["index"]),
             map_info={k: ot_map.info.get(k) for k in ("iters", "wall_s", "mass_error_l1")},
         )
     nfe_used = stats.get("nfe")

@@ -113,7 +113,6 @@ class FrechetTarget:
         vals, vecs = torch.linalg.eigh(cov)
         self.root = (vecs * vals.clamp_min(0.0).sqrt()) @ vecs.T
         self.trace = torch.trace(cov)
-        self.n = ref.shape[0]
 
     def __call__(self, feats: Tensor) -> Tensor:
         """FD of ``feats`` ``[N, D]`` (``N >= 2``) to the reference, a float64 scalar tensor

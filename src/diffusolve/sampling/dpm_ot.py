@@ -391,7 +391,8 @@ def select_t_late(
     held-out data.
 
     Args:
-        maps: a cache ``{t_late: OTMap}`` shared between calls (filled here).
+        maps: a cache ``{t_late: OTMap}`` shared between calls with the same ``model``,
+            ``data`` and ``fit_options`` (filled here; keyed by the level alone).
         log: optional callable receiving one line per level.
 
     Returns:
